@@ -1,0 +1,160 @@
+"""`lenvm-rt` command line: a thin layer over `load` and `Runtime`; no logic of its own.
+
+    lenvm-rt demo                                   the embedded default model, end to end
+    lenvm-rt generate --prompt TEXT [--json] ...    one generation (chat template unless --raw)
+    lenvm-rt bench decode [--json] ...              per-token time vs transformers and the floor
+
+Bad arguments and bad inputs print one `error: ...` line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from .config import Sampling
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"--threads must be >= 1; got {n}")
+        torch.set_num_threads(n)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="checkpoint directory, hub id, or 'default'")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _sampling(a: argparse.Namespace) -> Sampling:
+    return Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p, seed=a.seed)
+
+
+def _load(a: argparse.Namespace):
+    from .runtime import load
+
+    _threads(a.threads)
+    return load(a.model, device=a.device, dtype=a.dtype)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    sampling = _sampling(a)
+    rt = _load(a)
+    if a.raw:
+        prompt = a.prompt
+    else:
+        prompt = ([{"role": "system", "content": a.system}] if a.system else []) + [
+            {"role": "user", "content": a.prompt}]
+    if a.json:
+        gen = rt.generate(prompt, max_new_tokens=a.max_new_tokens, sampling=sampling)
+        print(json.dumps({
+            "token_ids": gen.token_ids, "text": gen.text, "num_tokens": gen.num_tokens,
+            "finish_reason": gen.finish_reason, "prompt_tokens": gen.prompt_tokens,
+            "ms_per_token": gen.ms_per_token, "prefill_ms": 1000.0 * gen.prefill_seconds,
+        }, ensure_ascii=False))
+        return 0
+    start, count = time.perf_counter(), 0
+    for event in rt.stream(prompt, max_new_tokens=a.max_new_tokens, sampling=sampling):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+        count += 1
+    elapsed = time.perf_counter() - start
+    print(f"\n[{count} tokens, {count / elapsed:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+DEMO_PROMPTS = [
+    "In one sentence, what is a length value model?",
+    "Write a haiku about the sea.",
+]
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    _threads(a.threads)
+    from .runtime import load
+
+    print(f"loading {a.model} ...", file=sys.stderr)
+    rt = load(a.model, device=a.device, dtype=a.dtype)
+    print(f"model: {rt.directory}  ({rt.config.num_layers} layers, hidden {rt.config.hidden_size}, "
+          f"{rt.device}, {str(rt.dtype).removeprefix('torch.')})\n")
+    for text in DEMO_PROMPTS:
+        print(f">>> {text}")
+        start, count = time.perf_counter(), 0
+        reason = None
+        for event in rt.stream([{"role": "user", "content": text}], max_new_tokens=a.max_new_tokens,
+                               sampling=Sampling(temperature=0)):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+            count, reason = count + 1, event.finish_reason
+        elapsed = time.perf_counter() - start
+        print(f"\n[{count} tokens, finish={reason}, {count / elapsed:.1f} tok/s]\n")
+    return 0
+
+
+def cmd_bench_decode(a: argparse.Namespace) -> int:
+    from .bench.decode import run
+
+    rt = _load(a)
+    results = run(rt, tokens=a.tokens, repeats=a.repeats, model_name=a.model, out=a.out, progress=not a.json)
+    if a.json:
+        print(json.dumps(results))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lenvm-rt", description="Length Value Model runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the embedded default model end to end")
+    _model_args(demo)
+    demo.add_argument("--max-new-tokens", type=int, default=96)
+    demo.set_defaults(func=cmd_demo)
+
+    gen = sub.add_parser("generate", help="generate from one prompt")
+    _model_args(gen)
+    _sampling_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--system", default=None, help="system message (chat mode)")
+    gen.add_argument("--raw", action="store_true", help="encode the prompt as plain text, no chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    dec = bench_sub.add_parser("decode", help="per-token decode time vs transformers and the weight-read floor")
+    _model_args(dec)
+    dec.add_argument("--tokens", type=int, default=64)
+    dec.add_argument("--repeats", type=int, default=5)
+    dec.add_argument("--out", default="benchmarks/results/bench_decode.json")
+    dec.add_argument("--json", action="store_true", help="print the results as JSON")
+    dec.set_defaults(func=cmd_bench_decode)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

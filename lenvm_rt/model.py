@@ -1,0 +1,184 @@
+"""Compact decoder for Llama / Qwen2 / Qwen3 checkpoints with a static, preallocated KV cache.
+
+Shapes: B rows, S sequence, D hidden, V vocab, H query heads, Hkv key/value heads, G = H / Hkv,
+Dh head dim, C cache capacity (tokens per row).
+
+    model = CausalLM(cfg, weights)
+    model.allocate(batch=B, capacity=C)            # the only place KV memory is allocated
+    h = model.prefill(ids[B, S], lengths)          # right-padded prompts -> final-normed h[B, D]
+    h = model.decode_step(ids[B], positions)       # one token per row at its own position -> h[B, D]
+    logits = model.logits(h)                       # [B, V] fp32
+
+Row b owns cache slot b; its tokens sit at cache positions 0..len_b-1 and its RoPE position equals
+the cache position, so rows of different lengths decode together with a per-row key mask. Prefill
+of right-padded prompts needs only the causal mask: a real token never sees the pads after it, and
+the pads' cache entries are overwritten by the row's later tokens before anyone attends to them.
+All math mirrors transformers' modules (RMSNorm in fp32, rotate-half RoPE, SiLU-gated MLP).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig, RopeConfig
+from .weights import LayerWeights, ModelWeights
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies [Dh/2] in fp32, with linear or llama3 scaling applied."""
+    inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.kind == "linear":
+        return inv / rope.factor
+    if rope.kind == "llama3":
+        low_wavelen = rope.original_max_position / rope.low_freq_factor
+        high_wavelen = rope.original_max_position / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class CausalLM:
+    """Inference-only decoder over ModelWeights; call under torch.inference_mode()."""
+
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights) -> None:
+        self.cfg = cfg
+        self.w = weights
+        self.device = weights.embed.device
+        self.dtype = weights.final_norm.dtype
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.k_cache: list[torch.Tensor] = []  # per layer [Bcap, Hkv, C, Dh]
+        self.v_cache: list[torch.Tensor] = []
+        self.capacity = 0
+        self.batch_capacity = 0
+        self._cos = torch.empty(0)
+        self._sin = torch.empty(0)
+
+    # ---- memory -------------------------------------------------------------------------------
+    def allocate(self, *, batch: int, capacity: int) -> None:
+        """Make room for `batch` rows of `capacity` tokens; reuses the cache when it is big enough."""
+        if batch <= self.batch_capacity and capacity <= self.capacity:
+            return
+        batch, capacity = max(batch, self.batch_capacity), max(capacity, self.capacity)
+        cfg = self.cfg
+        shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
+        self.k_cache, self.v_cache = [], []  # free the old cache before allocating the new one
+        self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(cfg.num_layers)]
+        self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(cfg.num_layers)]
+        freqs = torch.outer(torch.arange(capacity, dtype=torch.float32), rope_inv_freq(cfg.rope, cfg.head_dim))
+        angles = torch.cat((freqs, freqs), dim=-1)  # [C, Dh]
+        self._cos = angles.cos().to(self.device, self.dtype)
+        self._sin = angles.sin().to(self.device, self.dtype)
+        self.batch_capacity, self.capacity = batch, capacity
+
+    def kv_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
+
+    # ---- forward pieces -------------------------------------------------------------------------
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.cfg.rms_norm_eps).to(x.dtype) * weight
+
+    def _qkv(self, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x[B, S, D] -> q[B, H, S, Dh], k, v[B, Hkv, S, Dh], RoPE applied to q and k."""
+        cfg = self.cfg
+        B, S, _ = x.shape
+        qkv = F.linear(self._norm(x, layer.input_norm), layer.qkv, layer.qkv_bias)
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+        q = q.view(B, S, cfg.num_heads, cfg.head_dim)
+        k = k.view(B, S, cfg.num_kv_heads, cfg.head_dim)
+        if layer.q_norm is not None:
+            q = self._norm(q, layer.q_norm)
+            k = self._norm(k, layer.k_norm)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H|Hkv, S, Dh]
+        v = v.view(B, S, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+
+    def _mlp_residual(self, layer: LayerWeights, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        x = x + F.linear(attn, layer.o, layer.o_bias)
+        gate, up = F.linear(self._norm(x, layer.post_norm), layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [..., D] -> fp32 logits [..., V]."""
+        return F.linear(h, self.w.lm_head).float()
+
+    # ---- prefill ----------------------------------------------------------------------------
+    def prefill(self, ids: torch.Tensor, lengths: list[int], *, all_positions: bool = False) -> torch.Tensor:
+        """Run right-padded prompts ids[B, S] into cache slots 0..B-1 from position 0.
+
+        Returns final-normed hidden states at each row's last prompt token, h[B, D], or at every
+        position, h[B, S, D], when all_positions is set.
+        """
+        B, S = ids.shape
+        cfg = self.cfg
+        cos, sin = self._cos[:S], self._sin[:S]  # [S, Dh], broadcast over [B, H, S, Dh]
+        x = F.embedding(ids, self.w.embed)  # [B, S, D]
+        for i, layer in enumerate(self.w.layers):
+            q, k, v = self._qkv(layer, x, cos, sin)
+            self.k_cache[i][:B, :, :S] = k
+            self.v_cache[i][:B, :, :S] = v
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+            x = self._mlp_residual(layer, x, attn.transpose(1, 2).reshape(B, S, cfg.num_heads * cfg.head_dim))
+        h = self._norm(x, self.w.final_norm)
+        if all_positions:
+            return h
+        last = torch.tensor([n - 1 for n in lengths], device=ids.device)
+        return h[torch.arange(B, device=ids.device), last]  # [B, D]
+
+    # ---- decode -----------------------------------------------------------------------------
+    def decode_step(self, ids: torch.Tensor, positions: list[int],
+                    pos_tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per row: ids[B] at cache positions `positions` (host ints) -> h[B, D].
+
+        pos_tensor, when given, is `positions` already on the device as int64 (saves a copy per step).
+        """
+        cfg = self.cfg
+        B = ids.shape[0]
+        G = cfg.num_heads // cfg.num_kv_heads
+        first = positions[0]
+        same = all(p == first for p in positions)
+        span = max(positions) + 1  # keys attended this step: cache positions 0..span-1
+        if same:
+            cos, sin = self._cos[first], self._sin[first]  # [Dh]
+            mask = None
+        else:
+            pos = pos_tensor if pos_tensor is not None else torch.tensor(positions, device=self.device)
+            cos, sin = self._cos[pos].view(B, 1, 1, -1), self._sin[pos].view(B, 1, 1, -1)
+            keep = torch.arange(span, device=self.device).view(1, span) <= pos.view(B, 1)  # [B, span]
+            mask = torch.zeros(B, 1, 1, span, device=self.device, dtype=torch.float32)
+            mask.masked_fill_(~keep.view(B, 1, 1, span), float("-inf"))
+            rows = torch.arange(B, device=self.device)
+        x = F.embedding(ids.view(B, 1), self.w.embed)  # [B, 1, D]
+        for i, layer in enumerate(self.w.layers):
+            q, k, v = self._qkv(layer, x, cos, sin)  # q[B, H, 1, Dh], k/v[B, Hkv, 1, Dh]
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            if same:
+                kc[:B, :, first] = k[:, :, 0]
+                vc[:B, :, first] = v[:, :, 0]
+            else:
+                kc[rows, :, pos] = k[:, :, 0]
+                vc[rows, :, pos] = v[:, :, 0]
+            # Grouped-query attention without repeating K/V: the G query heads of a KV head form a
+            # [G, Dh] block that multiplies the shared [span, Dh] keys.
+            qg = q.view(B, cfg.num_kv_heads, G, cfg.head_dim)
+            scores = torch.matmul(qg, kc[:B, :, :span].transpose(-1, -2)).float() * self.scale  # [B, Hkv, G, span]
+            if mask is not None:
+                scores = scores + mask
+            probs = torch.softmax(scores, dim=-1).to(self.dtype)
+            attn = torch.matmul(probs, vc[:B, :, :span])  # [B, Hkv, G, Dh]
+            x = self._mlp_residual(layer, x, attn.view(B, 1, cfg.num_heads * cfg.head_dim))
+        return self._norm(x, self.w.final_norm).view(B, -1)

@@ -1,0 +1,250 @@
+"""`load()` and `Runtime`: the public decoding API.
+
+    rt = lenvm_rt.load("path/to/checkpoint" | "org/name" | "default", device=None, dtype=None)
+    rt.generate(prompt, *, max_new_tokens=256, sampling=Sampling()) -> Generation
+    rt.generate_batch(prompts, *, max_new_tokens=256, sampling=...) -> list[Generation]
+    for event in rt.stream(prompt, *, max_new_tokens=256, sampling=...): event.token_id, event.text
+
+A prompt is text (encoded as is, with the tokenizer's own special tokens), a list of chat messages
+(rendered with the checkpoint's chat template and a generation prompt), or a list of token ids.
+Generation stops at any EOS id (union of config, generation config and tokenizer EOS) or after
+max_new_tokens. Inputs are validated before any work starts, so a rejected request leaves the
+runtime as it was.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Generation, ModelConfig, Sampling
+from .model import CausalLM
+from .sampling import TokenChooser
+from .tokenizer import IncrementalDecoder, Message, Tokenizer
+from .weights import load_weights, read_config, resolve_checkpoint
+
+Prompt = str | Sequence[Message] | Sequence[int]
+_CACHE_BLOCK = 256  # KV capacity grows in blocks so that similar requests reuse one allocation
+DEFAULT_CONTEXT = 4096
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One generated token: its id, the text it completes (may be "" mid-character), its index."""
+
+    token_id: int
+    text: str
+    index: int
+    finish_reason: str | None  # set on the last event
+
+
+def _pick_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be like 'cpu' or 'cuda:0'; got {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda; got {device!r}")
+    return dev
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def _pick_dtype(dtype: str | torch.dtype | None, cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        if device.type == "cpu":
+            return torch.float32  # CPU matmuls are fastest and exact in fp32
+        return _DTYPES[cfg.torch_dtype] if cfg.torch_dtype != "float32" else torch.bfloat16
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"dtype must be float32, bfloat16 or float16; got {dtype!r}")
+
+
+def load(policy: str | os.PathLike[str], value_model: str | None = None, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, *, max_context: int | None = None) -> Runtime:
+    """Load a checkpoint directory, hub id or "default" (the embedded SmolLM2-135M-Instruct)."""
+    if value_model is not None:
+        raise ValueError("value models are not supported by this version of lenvm_rt yet")
+    if str(policy) == "default":
+        from .default_model import default_model_dir
+
+        directory = default_model_dir()
+    else:
+        directory = resolve_checkpoint(policy)
+    cfg = read_config(directory)
+    dev = _pick_device(device)
+    torch_dtype = _pick_dtype(dtype, cfg, dev)
+    context = max_context if max_context is not None else min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
+    if not isinstance(context, int) or isinstance(context, bool) or context <= 1:
+        raise ValueError(f"max_context must be an int > 1; got {max_context!r}")
+    tokenizer = Tokenizer(directory)
+    weights = load_weights(directory, cfg, device=dev, dtype=torch_dtype)
+    return Runtime(CausalLM(cfg, weights), tokenizer, directory=directory, max_context=context)
+
+
+class Runtime:
+    """A loaded model with its tokenizer; create with `load()`."""
+
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, directory: Path, max_context: int) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.cfg
+        self.directory = directory
+        self.max_context = min(max_context, model.cfg.max_position_embeddings)
+        eos = list(model.cfg.eos_token_ids)
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_token_ids: frozenset[int] = frozenset(eos)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    # ---- prompts --------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a text prompt, a chat (messages) or ids (checked against the vocabulary)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
+            ids = self.tokenizer.encode_chat(prompt)  # type: ignore[arg-type]
+        elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)  # type: ignore[arg-type]
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got {bad[:5]}")
+        else:
+            raise ValueError("prompt must be text, a list of chat messages ({'role', 'content'}) or a list "
+                             f"of token ids; got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt is empty (it encodes to no tokens)")
+        return ids
+
+    def _check_budget(self, n_prompt: int, max_new_tokens: Any) -> None:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
+        if n_prompt + max_new_tokens > self.max_context:
+            raise ValueError(
+                f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of "
+                f"{self.max_context} tokens"
+            )
+
+    # ---- decoding -------------------------------------------------------------------------------
+    def _steps(self, prompts: list[list[int]], max_new_tokens: int, samplings: list[Sampling]) -> Iterator[
+            list[tuple[int, str | None] | None]]:
+        """Per step, for each row: (token, finish reason or None), or None once the row has finished."""
+        model = self.model
+        B = len(prompts)
+        lengths = [len(p) for p in prompts]
+        capacity = -(-(max(lengths) + max_new_tokens) // _CACHE_BLOCK) * _CACHE_BLOCK
+        model.allocate(batch=B, capacity=min(capacity, self.max_context))
+        ids = torch.zeros(B, max(lengths), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = torch.tensor(p)
+        chooser = TokenChooser(samplings, self.device)
+        running = [True] * B
+        with torch.inference_mode():
+            h = model.prefill(ids.to(self.device), lengths)
+            positions = list(lengths)
+            pos_tensor = torch.tensor(positions, device=self.device)
+            for step in range(max_new_tokens):
+                next_ids = chooser(model.logits(h), [step] * B)
+                emitted: list[tuple[int, str | None] | None] = []
+                for b, token in enumerate(next_ids.tolist()):  # the one host sync per step
+                    if not running[b]:
+                        emitted.append(None)
+                        continue
+                    reason = "stop" if token in self.eos_token_ids else (
+                        "length" if step + 1 == max_new_tokens else None)
+                    running[b] = reason is None
+                    emitted.append((token, reason))
+                yield emitted
+                if not any(running):
+                    return
+                # Finished rows keep decoding their last token until the batch ends; their output
+                # is ignored and their cache slot is private, so other rows are unaffected.
+                h = model.decode_step(next_ids, positions, pos_tensor)
+                positions = [p + 1 for p in positions]
+                pos_tensor += 1
+
+    def _samplings(self, sampling: Sampling | Sequence[Sampling], n: int) -> list[Sampling]:
+        if isinstance(sampling, Sampling):
+            return [sampling] * n
+        items = list(sampling)
+        if len(items) != n or not all(isinstance(s, Sampling) for s in items):
+            raise ValueError(f"sampling must be a Sampling or a list of {n} Sampling objects")
+        return items
+
+    def generate_batch(self, prompts: Sequence[Prompt], *, max_new_tokens: int = 256,
+                       sampling: Sampling | Sequence[Sampling] = Sampling()) -> list[Generation]:
+        """Decode several prompts together; each result equals the prompt decoded alone."""
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+            raise ValueError("prompts must be a non-empty list of prompts")
+        encoded = [self.encode(p) for p in prompts]
+        samplings = self._samplings(sampling, len(encoded))
+        for ids in encoded:
+            self._check_budget(len(ids), max_new_tokens)
+        B = len(encoded)
+        outputs: list[list[int]] = [[] for _ in range(B)]
+        reasons = ["length"] * B
+        start = time.perf_counter()
+        first_token_at = start
+        for step, emitted in enumerate(self._steps(encoded, max_new_tokens, samplings)):
+            if step == 0:
+                first_token_at = time.perf_counter()
+            for b, item in enumerate(emitted):
+                if item is not None:
+                    outputs[b].append(item[0])
+                    reasons[b] = item[1] or reasons[b]
+        end = time.perf_counter()
+        return [
+            Generation(
+                text=self.tokenizer.decode(out),
+                token_ids=out,
+                num_tokens=len(out),
+                finish_reason=reasons[b],
+                prompt_tokens=len(encoded[b]),
+                prefill_seconds=first_token_at - start,
+                decode_seconds=end - first_token_at,
+            )
+            for b, out in enumerate(outputs)
+        ]
+
+    def generate(self, prompt: Prompt, *, max_new_tokens: int = 256, sampling: Sampling = Sampling()) -> Generation:
+        """Decode one prompt."""
+        if not isinstance(sampling, Sampling):
+            raise ValueError(f"sampling must be a Sampling; got {type(sampling).__name__}")
+        return self.generate_batch([prompt], max_new_tokens=max_new_tokens, sampling=sampling)[0]
+
+    def stream(self, prompt: Prompt, *, max_new_tokens: int = 256, sampling: Sampling = Sampling()) -> Iterator[
+            StreamEvent]:
+        """Yield each token as it is generated; the last event carries the finish reason."""
+        if not isinstance(sampling, Sampling):
+            raise ValueError(f"sampling must be a Sampling; got {type(sampling).__name__}")
+        ids = self.encode(prompt)
+        self._check_budget(len(ids), max_new_tokens)
+        return self._stream(ids, max_new_tokens, sampling)
+
+    def _stream(self, ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[StreamEvent]:
+        decoder = IncrementalDecoder(self.tokenizer)
+        for index, emitted in enumerate(self._steps([ids], max_new_tokens, [sampling])):
+            token, reason = emitted[0]  # type: ignore[misc]  # a lone row is running until it ends
+            yield StreamEvent(token_id=token, text=decoder.push(token), index=index, finish_reason=reason)

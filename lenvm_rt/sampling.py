@@ -1,0 +1,88 @@
+"""Next-token choice for a batch of rows, each with its own Sampling settings.
+
+    chooser = TokenChooser(samplings)                # once per batch; seeds resolved here
+    next_ids = chooser(logits[B, V] fp32, offsets)   # offsets[b] = index of the token being drawn
+
+Greedy rows take the argmax. Sampled rows apply temperature, then top-k, top-p (exclusive prefix
+mass of full-vocabulary probabilities <= top_p) and min-p (p >= min_p * p_max), then draw by
+inverse CDF in vocabulary order with one uniform from the counter-based Philox generator of the C++
+core keyed by (seed, offset). A row's draw depends only on its own logits, seed and offset, never
+on the batch it shares, so a seeded request is reproducible wherever it runs.
+"""
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from . import _native
+from .config import Sampling
+
+
+def resolve_seed(sampling: Sampling) -> int:
+    return sampling.seed if sampling.seed is not None else secrets.randbits(63)
+
+
+def filter_mask(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                *, k_max: int, use_top_p: bool) -> torch.Tensor:
+    """Boolean keep-mask [B, V] for probs[B, V] under per-row top_k[B] (0: off), top_p[B], min_p[B].
+
+    k_max = max(top_k) and use_top_p = any(top_p < 1) are passed from the host so that the filter
+    never reads a device value. The most probable token always survives; ties at the top-k
+    boundary are all kept.
+    """
+    p_max = probs.max(dim=-1, keepdim=True).values  # [B, 1]
+    keep = probs >= min_p.view(-1, 1) * p_max
+    if k_max > 0:
+        kth = probs.topk(min(k_max, probs.shape[-1]), dim=-1).values  # [B, k_max], descending
+        index = (top_k.clamp(min=1, max=kth.shape[-1]) - 1).view(-1, 1)
+        threshold = torch.where(top_k.view(-1, 1) > 0, kth.gather(1, index), torch.zeros_like(p_max))
+        keep &= probs >= threshold
+    if use_top_p:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        exclusive = sorted_p.cumsum(dim=-1) - sorted_p  # mass strictly before each rank
+        keep_sorted = exclusive <= top_p.view(-1, 1)
+        keep &= torch.empty_like(keep).scatter_(1, order, keep_sorted)
+    return keep | (probs >= p_max)
+
+
+class TokenChooser:
+    """Chooses one token per row; settings, seeds and scratch buffers are fixed per batch."""
+
+    def __init__(self, samplings: Sequence[Sampling], device: torch.device) -> None:
+        self.samplings = list(samplings)
+        B = len(self.samplings)
+        self.greedy = [s.greedy for s in self.samplings]
+        self.all_greedy = all(self.greedy)
+        self.seeds = np.array([resolve_seed(s) for s in self.samplings], dtype=np.uint64)
+        self._uniform = np.empty(B, dtype=np.float32)
+        self._offsets = np.empty(B, dtype=np.uint32)
+        sampled = [s for s in self.samplings if not s.greedy] or [Sampling()]
+        self._k_max = max(s.top_k or 0 for s in sampled)
+        self._use_top_p = any(s.top_p < 1 for s in sampled)
+        self._needs_filter = self._k_max > 0 or self._use_top_p or any(s.min_p > 0 for s in sampled)
+        temps = [s.temperature if not s.greedy else 1.0 for s in self.samplings]
+        self.inv_temperature = torch.tensor([1.0 / t for t in temps], device=device).view(B, 1)
+        self.top_k = torch.tensor([s.top_k or 0 for s in self.samplings], device=device)
+        self.top_p = torch.tensor([s.top_p for s in self.samplings], device=device)
+        self.min_p = torch.tensor([s.min_p for s in self.samplings], device=device)
+        self.greedy_rows = torch.tensor(self.greedy, device=device)
+
+    def __call__(self, logits: torch.Tensor, offsets: Sequence[int]) -> torch.Tensor:
+        """logits[B, V] fp32 -> token ids[B] int64."""
+        argmax = logits.argmax(dim=-1)
+        if self.all_greedy:
+            return argmax
+        probs = torch.softmax(logits * self.inv_temperature, dim=-1)
+        if self._needs_filter:
+            keep = filter_mask(probs, self.top_k, self.top_p, self.min_p, k_max=self._k_max,
+                               use_top_p=self._use_top_p)
+            probs = probs * keep
+        self._offsets[:] = offsets
+        _native.philox_uniform(self.seeds, self._offsets, 0, self._uniform)
+        cdf = probs.cumsum(dim=-1)  # [B, V], vocabulary order
+        target = torch.from_numpy(self._uniform).to(probs.device).view(-1, 1) * cdf[:, -1:]
+        drawn = torch.searchsorted(cdf, target, right=True).view(-1).clamp_(max=probs.shape[-1] - 1)
+        return torch.where(self.greedy_rows, argmax, drawn)

@@ -1,0 +1,137 @@
+"""Tokenizer and chat template of a Hugging Face checkpoint directory, without transformers.
+
+Reads `tokenizer.json` (fast tokenizer) and `tokenizer_config.json`; the chat template comes from
+`chat_template.jinja`, `chat_template.json` or `tokenizer_config.json["chat_template"]`, rendered in
+a sandboxed Jinja environment with transformers' conventions (trim_blocks, lstrip_blocks,
+`raise_exception`, `strftime_now`, `add_generation_prompt`). A rendered chat is encoded without
+adding special tokens, as transformers' `apply_chat_template` does.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as _FastTokenizer
+
+Message = dict[str, Any]
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    """Encode/decode text and render chats for one checkpoint."""
+
+    def __init__(self, directory: Path) -> None:
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise ValueError(f"{directory} has no tokenizer.json (lenvm_rt needs the fast tokenizer file)")
+        try:
+            self._tok = _FastTokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+            raise ValueError(f"{path}: cannot load tokenizer ({exc})") from exc
+        config_path = directory / "tokenizer_config.json"
+        self.config: dict[str, Any] = {}
+        if config_path.is_file():
+            with open(config_path, encoding="utf-8") as fh:
+                self.config = json.load(fh)
+        self.chat_template = self._find_template(directory)
+        self.bos_token = _token_text(self.config.get("bos_token"))
+        self.eos_token = _token_text(self.config.get("eos_token"))
+
+    def _find_template(self, directory: Path) -> str | None:
+        jinja = directory / "chat_template.jinja"
+        if jinja.is_file():
+            return jinja.read_text(encoding="utf-8")
+        as_json = directory / "chat_template.json"
+        if as_json.is_file():
+            with open(as_json, encoding="utf-8") as fh:
+                return json.load(fh).get("chat_template")
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # named templates: take "default"
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        return template if isinstance(template, str) else None
+
+    # ---- vocabulary ---------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    @cached_property
+    def vocab(self) -> dict[str, int]:
+        return self._tok.get_vocab(with_added_tokens=True)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.token_to_id(self.eos_token) if self.eos_token else None
+
+    # ---- text -----------------------------------------------------------------------------------
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
+        """The chat template applied to messages, as text."""
+        if self.chat_template is None:
+            raise ValueError("this checkpoint has no chat template; pass a plain text prompt or token ids")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
+                raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content'; got {message!r}")
+        return self._compiled_template.render(
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+    def encode_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        return self.encode(text, add_special_tokens=False)
+
+    @cached_property
+    def _compiled_template(self) -> Any:
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+        return env.from_string(self.chat_template)
+
+
+class IncrementalDecoder:
+    """Turns a growing list of ids into text pieces, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tok = tokenizer
+        self._ids: list[int] = []
+        self._emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        text = self._tok.decode(self._ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece = text[len(self._emitted):] if text.startswith(self._emitted) else ""
+        self._emitted = text
+        return piece
