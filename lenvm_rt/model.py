@@ -5,9 +5,12 @@ Dh head dim, C cache capacity (tokens per row).
 
     model = CausalLM(cfg, weights)
     model.allocate(batch=B, capacity=C)            # the only place KV memory is allocated
-    h = model.prefill(ids[B, S], lengths)          # right-padded prompts -> final-normed h[B, D]
-    h = model.decode_step(ids[B], positions)       # one token per row at its own position -> h[B, D]
-    logits = model.logits(h)                       # [B, V] fp32
+    x = model.prefill(ids[B, S], lengths)          # right-padded prompts -> last hidden x[B, D]
+    x = model.decode_step(ids[B], positions)       # one token per row at its own position -> x[B, D]
+    logits = model.logits(x)                       # final RMSNorm + LM head -> [B, V] fp32
+
+Hidden states leave the trunk *before* the final RMSNorm, so that the heads (LM head, value head)
+can fuse the norm into their own kernels; `normed(x)` applies it.
 
 Row b owns cache slot b; its tokens sit at cache positions 0..len_b-1 and its RoPE position equals
 the cache position, so rows of different lengths decode together with a per-row key mask. Prefill
@@ -112,16 +115,20 @@ class CausalLM:
         gate, up = F.linear(self._norm(x, layer.post_norm), layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states [..., D] -> fp32 logits [..., V]."""
-        return F.linear(h, self.w.lm_head).float()
+    def normed(self, x: torch.Tensor) -> torch.Tensor:
+        """The final RMSNorm: last hidden states [..., D] -> the tensor the LM head consumes."""
+        return self._norm(x, self.w.final_norm)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Last hidden states [..., D] (before the final norm) -> fp32 logits [..., V]."""
+        return F.linear(self.normed(x), self.w.lm_head).float()
 
     # ---- prefill ----------------------------------------------------------------------------
     def prefill(self, ids: torch.Tensor, lengths: list[int], *, all_positions: bool = False) -> torch.Tensor:
         """Run right-padded prompts ids[B, S] into cache slots 0..B-1 from position 0.
 
-        Returns final-normed hidden states at each row's last prompt token, h[B, D], or at every
-        position, h[B, S, D], when all_positions is set.
+        Returns last hidden states (before the final norm) at each row's last prompt token, x[B, D],
+        or at every position, x[B, S, D], when all_positions is set.
         """
         B, S = ids.shape
         cfg = self.cfg
@@ -133,16 +140,15 @@ class CausalLM:
             self.v_cache[i][:B, :, :S] = v
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
             x = self._mlp_residual(layer, x, attn.transpose(1, 2).reshape(B, S, cfg.num_heads * cfg.head_dim))
-        h = self._norm(x, self.w.final_norm)
         if all_positions:
-            return h
+            return x
         last = torch.tensor([n - 1 for n in lengths], device=ids.device)
-        return h[torch.arange(B, device=ids.device), last]  # [B, D]
+        return x[torch.arange(B, device=ids.device), last]  # [B, D]
 
     # ---- decode -----------------------------------------------------------------------------
     def decode_step(self, ids: torch.Tensor, positions: list[int],
                     pos_tensor: torch.Tensor | None = None) -> torch.Tensor:
-        """One token per row: ids[B] at cache positions `positions` (host ints) -> h[B, D].
+        """One token per row: ids[B] at cache positions `positions` (host ints) -> x[B, D].
 
         pos_tensor, when given, is `positions` already on the device as int64 (saves a copy per step).
         """
@@ -181,4 +187,4 @@ class CausalLM:
             probs = torch.softmax(scores, dim=-1).to(self.dtype)
             attn = torch.matmul(probs, vc[:B, :, :span])  # [B, Hkv, G, Dh]
             x = self._mlp_residual(layer, x, attn.view(B, 1, cfg.num_heads * cfg.head_dim))
-        return self._norm(x, self.w.final_norm).view(B, -1)
+        return x.view(B, -1)

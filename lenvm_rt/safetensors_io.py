@@ -56,7 +56,8 @@ class SafetensorsFile:
             if not isinstance(header, dict):
                 raise ValueError(f"{self.path}: corrupted safetensors header (not a JSON object)")
             self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
-        header.pop("__metadata__", None)
+        metadata = header.pop("__metadata__", None)
+        self.metadata: dict[str, str] = metadata if isinstance(metadata, dict) else {}
         self._data_start = 8 + header_len
         self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         data_len = size - self._data_start

@@ -143,7 +143,7 @@ class ModelWeights:
     def matrices(self) -> list[torch.Tensor]:
         """Every weight matrix a decode step reads (the embedding row gather excluded)."""
         out = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        return out + [self.lm_head]
+        return out + ([self.lm_head] if self.lm_head.numel() else [])
 
 
 class _TensorSource:
@@ -176,8 +176,13 @@ class _TensorSource:
         return sorted(n for n in self._where if n not in self.used and not n.endswith(_IGNORED_SUFFIXES))
 
 
-def load_weights(directory: Path, cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype) -> ModelWeights:
-    """Read, check and place every tensor; ValueError names a missing, misshapen or unexpected tensor."""
+def load_weights(directory: Path, cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype,
+                 with_lm_head: bool = True) -> ModelWeights:
+    """Read, check and place every tensor; ValueError names a missing, misshapen or unexpected tensor.
+
+    with_lm_head=False skips an untied LM head (a separate LenVM backbone never runs it, LENVM.md §2);
+    `ModelWeights.lm_head` is then an empty tensor.
+    """
     src = _TensorSource(safetensors_files(directory))
     D, dh, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     q_out, kv_out = cfg.num_heads * dh, cfg.num_kv_heads * dh
@@ -227,7 +232,8 @@ def load_weights(directory: Path, cfg: ModelConfig, *, device: torch.device, dty
         lm_head = embed
     else:
         embed = put(src.get(embed_name, vocab))
-        lm_head = put(src.get(head_name, vocab))
+        lm_head = put(src.get(head_name, vocab)) if with_lm_head else torch.empty(0, device=device, dtype=dtype)
+        src.used.add(head_name)
     final_norm = put(src.get("model.norm.weight", (D,)))
     extra = src.unexpected()
     if extra:

@@ -1,0 +1,55 @@
+"""The `lenvm-rt` command line on a tiny checkpoint, and import hygiene of the package."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from checkpoints import make_checkpoint
+
+from lenvm_rt.cli import main
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("cli"), "llama")
+
+
+def test_generate_json_prints_one_object(ckpt, capsys):
+    assert main(["generate", "--model", str(ckpt), "--prompt", "hello fox", "--max-new-tokens", "6",
+                 "--json", "--threads", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"token_ids", "text", "num_tokens", "finish_reason", "ms_per_token"}
+    assert out["num_tokens"] == len(out["token_ids"]) and 1 <= out["num_tokens"] <= 6
+    assert out["finish_reason"] in ("stop", "length")
+
+
+def test_generate_streams_text(ckpt, capsys):
+    assert main(["generate", "--model", str(ckpt), "--prompt", "hello", "--raw", "--max-new-tokens", "4",
+                 "--temperature", "0.7", "--seed", "3"]) == 0
+    assert "tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-new-tokens", "0"], "max_new_tokens must be a positive int"),
+    (["--top-p", "0"], "top_p must lie in"),
+    (["--temperature", "-1"], "temperature must be"),
+])
+def test_bad_arguments_exit_2_with_one_error_line(ckpt, capsys, args, message):
+    assert main(["generate", "--model", str(ckpt), "--prompt", "x", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+def test_missing_model_exits_2(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "none"), "--prompt", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_import_needs_neither_triton_nor_a_gpu():
+    code = ("import sys, lenvm_rt; "
+            "assert 'triton' not in sys.modules, 'triton imported eagerly'; "
+            "import torch; assert not torch.cuda.is_initialized(); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
