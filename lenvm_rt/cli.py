@@ -2,6 +2,8 @@
 
     lenvm-rt demo                                   the embedded default model, end to end
     lenvm-rt generate --prompt TEXT [--json] ...    one generation (chat template unless --raw)
+    lenvm-rt values --value-model P --prompt T --response R [--plot out.png] [--json]
+    lenvm-rt predict --value-model P --prompt T [--prompt T2 ...] [--json]
     lenvm-rt bench decode [--json] ...              per-token time vs transformers and the floor
 
 Bad arguments and bad inputs print one `error: ...` line and exit with status 2.
@@ -50,7 +52,56 @@ def _load(a: argparse.Namespace):
     from .runtime import load
 
     _threads(a.threads)
-    return load(a.model, device=a.device, dtype=a.dtype)
+    value_model = getattr(a, "value_model", None)
+    gamma = getattr(a, "gamma", None)
+    return load(a.model, value_model=value_model, device=a.device, dtype=a.dtype, gamma=gamma)
+
+
+def _value_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--value-model", required=required,
+                   help="LenVM directory (backbone + value_head.safetensors) or a value_head.safetensors file")
+    p.add_argument("--gamma", type=float, default=None, help="discount, when the checkpoint does not record it")
+
+
+def _chat(text: str, raw: bool):
+    return text if raw else [{"role": "user", "content": text}]
+
+
+def cmd_values(a: argparse.Namespace) -> int:
+    rt = _load(a)
+    tv = rt.token_values(_chat(a.prompt, a.raw), a.response, append_eos=a.ended)
+    if a.plot:
+        from .plots import plot_token_values
+
+        plot_token_values(tv, a.plot)
+    if a.json:
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(tv), ensure_ascii=False))
+        return 0
+    print(f"gamma = {tv.gamma}   predicted length at the prompt boundary = {tv.prompt_remaining:.1f} tokens")
+    true = tv.true_remaining or [None] * len(tv.token_ids)
+    print(f"{'pos':>4} {'token':<16} {'value':>7} {'remaining':>9} {'true':>5} {'TD':>8}")
+    for i, token in enumerate(tv.tokens):
+        mark = " +" if tv.td[i] > 0.01 else (" -" if tv.td[i] < -0.01 else "")
+        shown = repr(token)[1:-1][:16]
+        t = "" if true[i] is None else str(true[i])
+        print(f"{i + 1:>4} {shown:<16} {tv.value[i]:>7.4f} {tv.remaining[i]:>9.1f} {t:>5} {tv.td[i]:>8.4f}{mark}")
+    if a.plot:
+        print(f"wrote {a.plot}", file=sys.stderr)
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    rt = _load(a)
+    predicted = rt.predict_length([_chat(p, a.raw) for p in a.prompt])
+    if a.json:
+        print(json.dumps([{"prompt": p, "predicted_tokens": n} for p, n in zip(a.prompt, predicted)],
+                         ensure_ascii=False))
+        return 0
+    for p, n in zip(a.prompt, predicted):
+        print(f"{n:8.1f}  {p}")
+    return 0
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -134,6 +185,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="encode the prompt as plain text, no chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.set_defaults(func=cmd_generate)
+
+    values = sub.add_parser("values", help="per-token values, predicted remaining tokens and TD residuals")
+    _model_args(values)
+    _value_args(values, required=True)
+    values.add_argument("--prompt", required=True)
+    values.add_argument("--response", required=True)
+    values.add_argument("--ended", action="store_true", help="the response is finished: append EOS")
+    values.add_argument("--raw", action="store_true", help="prompt is plain text, no chat template")
+    values.add_argument("--plot", default=None, help="write a PNG of predicted vs true remaining tokens")
+    values.add_argument("--json", action="store_true")
+    values.set_defaults(func=cmd_values)
+
+    predict = sub.add_parser("predict", help="predicted generation length from the prompt")
+    _model_args(predict)
+    _value_args(predict, required=True)
+    predict.add_argument("--prompt", required=True, action="append", help="repeat for a batch")
+    predict.add_argument("--raw", action="store_true", help="prompts are plain text, no chat template")
+    predict.add_argument("--json", action="store_true")
+    predict.set_defaults(func=cmd_predict)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

@@ -26,6 +26,8 @@ from .config import Generation, ModelConfig, Sampling
 from .model import CausalLM
 from .sampling import TokenChooser
 from .tokenizer import IncrementalDecoder, Message, Tokenizer
+from .value_model import locate
+from .values import TokenValues, ValueModel, predict_lengths, token_values
 from .weights import load_weights, read_config, resolve_checkpoint
 
 Prompt = str | Sequence[Message] | Sequence[int]
@@ -73,11 +75,15 @@ def _pick_dtype(dtype: str | torch.dtype | None, cfg: ModelConfig, device: torch
     raise ValueError(f"dtype must be float32, bfloat16 or float16; got {dtype!r}")
 
 
-def load(policy: str | os.PathLike[str], value_model: str | None = None, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None, *, max_context: int | None = None) -> Runtime:
-    """Load a checkpoint directory, hub id or "default" (the embedded SmolLM2-135M-Instruct)."""
-    if value_model is not None:
-        raise ValueError("value models are not supported by this version of lenvm_rt yet")
+def load(policy: str | os.PathLike[str], value_model: str | os.PathLike[str] | None = None,
+         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, *,
+         gamma: float | None = None, max_context: int | None = None) -> Runtime:
+    """Load a policy checkpoint (directory, hub id or "default": the embedded SmolLM2-135M-Instruct).
+
+    value_model: a LenVM directory (backbone + value_head.safetensors: a separate value model) or a
+    value_head.safetensors file / head-only directory (a head on the policy's own trunk). gamma
+    overrides the discount recorded in the value model's checkpoint (required when it has none).
+    """
     if str(policy) == "default":
         from .default_model import default_model_dir
 
@@ -91,15 +97,23 @@ def load(policy: str | os.PathLike[str], value_model: str | None = None, device:
     if not isinstance(context, int) or isinstance(context, bool) or context <= 1:
         raise ValueError(f"max_context must be an int > 1; got {max_context!r}")
     tokenizer = Tokenizer(directory)
-    weights = load_weights(directory, cfg, device=dev, dtype=torch_dtype)
-    return Runtime(CausalLM(cfg, weights), tokenizer, directory=directory, max_context=context)
+    if value_model is None and gamma is not None:
+        raise ValueError("gamma was given without a value model")
+    source = locate(value_model) if value_model is not None else None
+    model = CausalLM(cfg, load_weights(directory, cfg, device=dev, dtype=torch_dtype))
+    value = None
+    if source is not None:
+        value = ValueModel.load(source, model, tokenizer, gamma=gamma, device=dev, dtype=torch_dtype)
+    return Runtime(model, tokenizer, directory=directory, max_context=context, value=value)
 
 
 class Runtime:
     """A loaded model with its tokenizer; create with `load()`."""
 
-    def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, directory: Path, max_context: int) -> None:
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, directory: Path, max_context: int,
+                 value: ValueModel | None = None) -> None:
         self.model = model
+        self.value = value
         self.tokenizer = tokenizer
         self.config = model.cfg
         self.directory = directory
@@ -116,6 +130,59 @@ class Runtime:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.dtype
+
+    @property
+    def gamma(self) -> float | None:
+        """The value model's discount γ (checkpoint metadata), or None without a value model."""
+        return self.value.gamma if self.value is not None else None
+
+    def _value_model(self, what: str) -> ValueModel:
+        if self.value is None:
+            raise ValueError(f"{what} needs a value model; call load(..., value_model=...)")
+        return self.value
+
+    # ---- value read-outs ------------------------------------------------------------------------
+    def token_values(self, prompt: Prompt, response: str | Sequence[int], *, append_eos: bool = False) -> TokenValues:
+        """Value, predicted remaining tokens and TD residual after every response token.
+
+        response is text (encoded without special tokens) or token ids; append_eos marks a finished
+        response, which also yields the true remaining counts.
+        """
+        vm = self._value_model("token_values")
+        prompt_ids = self.encode(prompt)
+        if isinstance(response, str):
+            response_ids = self.tokenizer.encode(response, add_special_tokens=False)
+        elif isinstance(response, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in response):
+            response_ids = list(response)
+        else:
+            raise ValueError(f"response must be text or a list of token ids; got {type(response).__name__}")
+        if append_eos and response_ids:
+            response_ids.append(min(self.eos_token_ids))
+        bad = [t for t in response_ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"response token ids must lie in [0, {self.config.vocab_size}); got {bad[:5]}")
+        total = len(prompt_ids) + len(response_ids)
+        if total > self.max_context:
+            raise ValueError(f"prompt + response ({total} tokens) exceed the context of {self.max_context} tokens")
+        return token_values(vm, self.model, self.tokenizer, prompt_ids, response_ids, self.eos_token_ids)
+
+    def predict_length(self, prompts: Prompt | Sequence[Prompt]) -> list[float]:
+        """Predicted generation length (tokens, EOS counted) of each prompt, from its boundary state.
+
+        A single prompt (text, messages or ids) is treated as a batch of one. The prediction is a
+        transformed-space horizon softplus(z)/(-ln γ) (LENVM.md §5), not a mean token count.
+        """
+        vm = self._value_model("predict_length")
+        single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and not isinstance(
+            prompts[0], (str, list, tuple)))
+        items = [prompts] if single else list(prompts)
+        if not items:
+            raise ValueError("prompts must not be empty")
+        encoded = [self.encode(p) for p in items]
+        for ids in encoded:
+            if len(ids) > self.max_context:
+                raise ValueError(f"prompt ({len(ids)} tokens) exceeds the context of {self.max_context} tokens")
+        return predict_lengths(vm, self.model, encoded)
 
     # ---- prompts --------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:

@@ -72,3 +72,19 @@ def make_checkpoint(directory: Path, family: str = "llama", *, tied: bool = Fals
     model.generation_config.save_pretrained(directory)
     make_tokenizer(directory)
     return directory
+
+
+def make_value_head(path: Path, hidden: int, *, gamma: float | None, seed: int = 0) -> Path:
+    """A random value_head.safetensors in the published LenVM layout, γ in its metadata."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {
+        "v_head.fc.weight": torch.randn(hidden, hidden, generator=g) / hidden**0.5,
+        "v_head.fc.bias": torch.randn(hidden, generator=g) * 0.1,
+        "v_head.summary.weight": torch.randn(1, hidden, generator=g) / hidden**0.5,
+        "v_head.summary.bias": torch.randn(1, generator=g),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path, metadata={"gamma": str(gamma)} if gamma is not None else None)
+    return path

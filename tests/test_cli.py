@@ -53,3 +53,43 @@ def test_import_needs_neither_triton_nor_a_gpu():
             "import torch; assert not torch.cuda.is_initialized(); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.fixture(scope="module")
+def value_head(ckpt, tmp_path_factory):
+    from checkpoints import make_value_head
+
+    return make_value_head(tmp_path_factory.mktemp("head") / "value_head.safetensors", 64, gamma=0.99)
+
+
+def test_values_prints_json_and_writes_a_plot(ckpt, value_head, tmp_path, capsys):
+    plot = tmp_path / "values.png"
+    assert main(["values", "--model", str(ckpt), "--value-model", str(value_head), "--prompt", "hi fox",
+                 "--response", "the quick brown fox", "--ended", "--json", "--plot", str(plot)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["value"]) == len(out["token_ids"]) == len(out["td"]) and out["true_remaining"][-1] == 0
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_values_table_marks_td_tokens(ckpt, value_head, capsys):
+    assert main(["values", "--model", str(ckpt), "--value-model", str(value_head), "--prompt", "hi",
+                 "--response", "the quick brown fox jumps"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted length at the prompt boundary" in out and "remaining" in out
+
+
+def test_predict_batch_json(ckpt, value_head, capsys):
+    assert main(["predict", "--model", str(ckpt), "--value-model", str(value_head), "--prompt", "a",
+                 "--prompt", "a much longer prompt about foxes", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [o["prompt"] for o in out] == ["a", "a much longer prompt about foxes"]
+    assert all(o["predicted_tokens"] > 0 for o in out)
+
+
+def test_values_without_gamma_is_a_clear_error(ckpt, tmp_path, capsys):
+    from checkpoints import make_value_head
+
+    head = make_value_head(tmp_path / "value_head.safetensors", 64, gamma=None)
+    assert main(["values", "--model", str(ckpt), "--value-model", str(head), "--prompt", "a",
+                 "--response", "b"]) == 2
+    assert "does not record its discount" in capsys.readouterr().err
