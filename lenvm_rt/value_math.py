@@ -4,7 +4,7 @@ Every generated token costs -(1-γ); the return after a state with `l` tokens le
 G = -(1 - γ^l). The runtime works in σ-space, u = σ(z) = -G ∈ (0, 1): larger u, longer horizon.
 
     value_of_length(l, γ)       u = 1 - γ^l = -expm1(l·ln γ)              (exact target of a length)
-    logit_of_length(l, γ)       z = ln((1-γ^l)/γ^l) = ln(expm1(-l·ln γ))  (head logit of a horizon)
+    logit_of_length(l, γ)       z = ln((1-γ^l)/γ^l)                       (head logit of a horizon)
     remaining_from_logit(z, γ)  l̂ = softplus(z) / (-ln γ)                 (stable inverse; use this)
     remaining_from_value(u, γ)  l̂ = ln(1-u) / ln γ                        (inverse of a stored u)
     gamma_from_lengths(L)       γ = 0.01^(1/L_p99)                          (paper §5.3 p99 rule)
@@ -47,14 +47,19 @@ def value_of_length(length: Num, gamma: float) -> Num:
 
 
 def logit_of_length(length: Num, gamma: float) -> Num:
-    """The head logit z whose σ equals value_of_length(l, γ); -inf at l = 0."""
+    """The head logit z whose σ equals value_of_length(l, γ); -inf at l = 0.
+
+    With a = -l·ln γ > 0, z = ln(e^a - 1) = a + ln(1 - e^-a), which never overflows.
+    """
     log_g = math.log(check_gamma(gamma))
     if isinstance(length, (int, float)):
         if length < 0:
             raise ValueError(f"length must be >= 0; got {length!r}")
-        return math.log(math.expm1(-length * log_g)) if length > 0 else -math.inf
+        a = -length * log_g
+        return a + math.log(-math.expm1(-a)) if length > 0 else -math.inf
     lib = _lib(length)
-    return lib.log(lib.expm1(-length * log_g))
+    a = -length * log_g
+    return a + lib.log(-lib.expm1(-a))
 
 
 def remaining_from_logit(z: Num, gamma: float) -> Num:
