@@ -8,6 +8,8 @@ Dh head dim, C cache capacity (tokens per row).
     x = model.prefill(ids[B, S], lengths)          # right-padded prompts -> last hidden x[B, D]
     x = model.decode_step(ids[B], positions)       # one token per row at its own position -> x[B, D]
     logits = model.logits(x)                       # final RMSNorm + LM head -> [B, V] fp32
+    x = model.lookahead(cand[B, K], positions)     # K sibling candidates per row -> x[B, K, D]
+    model.commit(slot[B], positions)               # keep the chosen candidate's K/V in the cache
 
 Hidden states leave the trunk *before* the final RMSNorm, so that the heads (LM head, value head)
 can fuse the norm into their own kernels; `normed(x)` applies it.
@@ -16,6 +18,10 @@ Row b owns cache slot b; its tokens sit at cache positions 0..len_b-1 and its Ro
 the cache position, so rows of different lengths decode together with a per-row key mask. Prefill
 of right-padded prompts needs only the causal mask: a real token never sees the pads after it, and
 the pads' cache entries are overwritten by the row's later tokens before anyone attends to them.
+The lookahead places every candidate of row b at the same position p_b; each attends to the row's
+cached prefix (positions < p_b) and to itself only (tree mask), so its output equals a causal decode
+of that token alone. The candidates' K/V are held until `commit` copies the chosen one into the
+cache, so the chosen token is never recomputed.
 All math mirrors transformers' modules (RMSNorm in fp32, rotate-half RoPE, SiLU-gated MLP).
 """
 from __future__ import annotations
@@ -67,6 +73,7 @@ class CausalLM:
         self.batch_capacity = 0
         self._cos = torch.empty(0)
         self._sin = torch.empty(0)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer candidate (k, v) [B, Hkv, K, Dh]
 
     # ---- memory -------------------------------------------------------------------------------
     def allocate(self, *, batch: int, capacity: int) -> None:
@@ -156,17 +163,12 @@ class CausalLM:
         B = ids.shape[0]
         G = cfg.num_heads // cfg.num_kv_heads
         first = positions[0]
-        same = all(p == first for p in positions)
         span = max(positions) + 1  # keys attended this step: cache positions 0..span-1
-        if same:
-            cos, sin = self._cos[first], self._sin[first]  # [Dh]
-            mask = None
-        else:
+        cos, sin, same = self._rope_at(positions, pos_tensor)
+        mask = None
+        if not same:
             pos = pos_tensor if pos_tensor is not None else torch.tensor(positions, device=self.device)
-            cos, sin = self._cos[pos].view(B, 1, 1, -1), self._sin[pos].view(B, 1, 1, -1)
-            keep = torch.arange(span, device=self.device).view(1, span) <= pos.view(B, 1)  # [B, span]
-            mask = torch.zeros(B, 1, 1, span, device=self.device, dtype=torch.float32)
-            mask.masked_fill_(~keep.view(B, 1, 1, span), float("-inf"))
+            mask = self._key_mask(pos, span, through=True)
             rows = torch.arange(B, device=self.device)
         x = F.embedding(ids.view(B, 1), self.w.embed)  # [B, 1, D]
         for i, layer in enumerate(self.w.layers):
@@ -188,3 +190,67 @@ class CausalLM:
             attn = torch.matmul(probs, vc[:B, :, :span])  # [B, Hkv, G, Dh]
             x = self._mlp_residual(layer, x, attn.view(B, 1, cfg.num_heads * cfg.head_dim))
         return x.view(B, -1)
+
+    def _key_mask(self, pos: torch.Tensor, span: int, *, through: bool) -> torch.Tensor:
+        """Additive mask [B, 1, 1, span]: row b sees keys up to pos[b] (through) or before it."""
+        keys = torch.arange(span, device=self.device).view(1, span)
+        keep = keys <= pos.view(-1, 1) if through else keys < pos.view(-1, 1)  # [B, span]
+        mask = torch.zeros(pos.shape[0], 1, 1, span, device=self.device, dtype=torch.float32)
+        return mask.masked_fill_(~keep.view(pos.shape[0], 1, 1, span), float("-inf"))
+
+    # ---- lookahead --------------------------------------------------------------------------
+    def _rope_at(self, positions: list[int], pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """cos/sin for one position per row: [Dh] when all rows share it, else [B, 1, 1, Dh]."""
+        first = positions[0]
+        if all(p == first for p in positions):
+            return self._cos[first], self._sin[first], True
+        pos = pos if pos is not None else torch.tensor(positions, device=self.device)
+        B = len(positions)
+        return self._cos[pos].view(B, 1, 1, -1), self._sin[pos].view(B, 1, 1, -1), False
+
+    def lookahead(self, cand: torch.Tensor, positions: list[int],
+                  pos_tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """Candidates cand[B, K] all at position positions[b] of their row -> last hidden x[B, K, D].
+
+        Each candidate sees the row's cached prefix (positions < p_b) and itself; siblings never see
+        each other. The cache is not modified: `commit` stores the chosen candidate's K/V.
+        """
+        cfg = self.cfg
+        B, K = cand.shape
+        G, Hkv, Dh = cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads, cfg.head_dim
+        span = max(positions)  # prefix keys: cache positions 0..span-1
+        cos, sin, same = self._rope_at(positions, pos_tensor)
+        mask = None
+        if not same:
+            pos = pos_tensor if pos_tensor is not None else torch.tensor(positions, device=self.device)
+            mask = self._key_mask(pos, span, through=False)
+        x = F.embedding(cand, self.w.embed)  # [B, K, D]
+        self._pending = []
+        for i, layer in enumerate(self.w.layers):
+            q, k, v = self._qkv(layer, x, cos, sin)  # q[B, H, K, Dh], k/v[B, Hkv, K, Dh]
+            self._pending.append((k, v))
+            qg = q.reshape(B, Hkv, G * K, Dh)  # query (g, j) of KV head h: row g*K + j
+            prefix = torch.matmul(qg, self.k_cache[i][:B, :, :span].transpose(-1, -2)).float()  # [B, Hkv, G*K, span]
+            if mask is not None:
+                prefix = prefix + mask
+            own = (q.reshape(B, Hkv, G, K, Dh) * k.reshape(B, Hkv, 1, K, Dh)).sum(-1).float()  # [B, Hkv, G, K]
+            scores = torch.cat((prefix, own.reshape(B, Hkv, G * K, 1)), dim=-1) * self.scale
+            probs = torch.softmax(scores, dim=-1).to(self.dtype)
+            attn = torch.matmul(probs[..., :span], self.v_cache[i][:B, :, :span])  # [B, Hkv, G*K, Dh]
+            own_v = probs[..., span:].reshape(B, Hkv, G, K, 1) * v.reshape(B, Hkv, 1, K, Dh)
+            attn = attn.view(B, Hkv, G, K, Dh) + own_v
+            attn = attn.permute(0, 3, 1, 2, 4).reshape(B, K, cfg.num_heads * Dh)  # head h = kv * G + g
+            x = self._mlp_residual(layer, x, attn)
+        return x
+
+    def commit(self, slot: torch.Tensor, positions: list[int], pos_tensor: torch.Tensor | None = None) -> None:
+        """Store candidate slot[b] of the last lookahead at cache position positions[b] of row b."""
+        if not self._pending:
+            raise RuntimeError("commit() without a preceding lookahead()")
+        B = slot.shape[0]
+        rows = torch.arange(B, device=self.device)
+        pos = pos_tensor if pos_tensor is not None else torch.tensor(positions, device=self.device)
+        for i, (k, v) in enumerate(self._pending):
+            self.k_cache[i][rows, :, pos] = k[rows, :, slot]
+            self.v_cache[i][rows, :, pos] = v[rows, :, slot]
+        self._pending = []

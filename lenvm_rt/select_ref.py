@@ -1,0 +1,113 @@
+"""Length-guided token selection: the plain-Python reference of the step controller.
+
+This file is the specification that the C++ controller (`_core.GuidanceBatch.step`) and the Triton
+kernel (`lenvm_rt.kernels.select`) must reproduce choice for choice on identical inputs.
+
+Shapes: B rows, K candidate slots per row, E EOS ids.
+
+Inputs per step
+  cand_ids   int32 [B, K]   candidate token ids, most probable first; -1 marks an empty slot (at
+                            least slot 0 of every row is filled)
+  cand_logp  float32 [B, K] base log-probabilities (after temperature, full-vocabulary normalised)
+  cand_z     float32 [B, K] value-head logits of the state each candidate leads to
+  state per row (RowState): rule, target T, generated t, max_new, gamma, beta, seed, greedy
+
+Counting. t is the number of tokens the row has generated so far, EOS included; the candidate being
+chosen becomes token t+1. A length target of N response tokens (EOS not counted, as in the text a
+user reads and LIFEBench scores) is T = N + 1 generated tokens: N tokens, then EOS.
+
+Per candidate, in float32: u = σ(z) and l̂ = softplus(z) / (-ln γ) (tokens left after it), except
+that an EOS candidate has u = 0 and l̂ = 0 exactly (LENVM.md §4.3). ρ = max(T - t - 1, 0) is the
+number of tokens the target still wants after this one.
+
+Rules (ties go to the lower slot, i.e. the more probable candidate):
+  EQUAL     argmin |l̂ - ρ|                                   (length space, LENVM.md §4.5)
+  AT_MOST   argmin u (EOS wins when present); at t + 1 >= T the token is EOS even when no
+            candidate is EOS (slot -1, id = eos_ids[0]), so the output never exceeds T
+  AT_LEAST  while t + 1 < T: argmax u over non-EOS candidates (longest); afterwards argmin u
+  TILT      w = logp + β·u; greedy rows take argmax w; others draw by inverse CDF over
+            exp(w - max w) in slot order with uniform(seed, offset=t, stream=1)
+A row is done when its token is EOS or t + 1 >= max_new.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+EQUAL, AT_MOST, AT_LEAST, TILT = 1, 2, 3, 4
+RULES = {"equal": EQUAL, "at_most": AT_MOST, "at_least": AT_LEAST, "tilt": TILT}
+GUIDANCE_STREAM = 1  # Philox stream of guided draws; stream 0 is plain sampling
+
+
+@dataclass
+class RowState:
+    rule: int
+    target: int  # T, generated tokens including EOS (unused by TILT)
+    generated: int  # t
+    max_new: int
+    gamma: float
+    beta: float
+    seed: int
+    greedy: bool
+
+
+@dataclass(frozen=True)
+class Choice:
+    slot: int  # index into the row's candidates; -1 for a forced EOS
+    token: int
+    done: bool
+
+
+def candidate_scores(ids: np.ndarray, z: np.ndarray, gamma: float, eos: set[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(u, l̂) in float32 for one row's candidates; EOS gets exactly 0 for both."""
+    z32 = z.astype(np.float32)
+    u = (np.float32(1) / (np.float32(1) + np.exp(-z32))).astype(np.float32)
+    softplus = (np.maximum(z32, np.float32(0)) + np.log1p(np.exp(-np.abs(z32)))).astype(np.float32)
+    remaining = (softplus / np.float32(-math.log(gamma))).astype(np.float32)
+    is_eos = np.array([int(t) in eos for t in ids])
+    u[is_eos] = 0.0
+    remaining[is_eos] = 0.0
+    return u, remaining
+
+
+def select_row(ids: np.ndarray, logp: np.ndarray, z: np.ndarray, s: RowState, eos_ids: list[int],
+               uniform: float) -> Choice:
+    """One row's choice; `uniform` is Philox(seed, t, stream=1), used only by sampled TILT rows."""
+    valid = ids >= 0
+    n = int(valid.sum())
+    ids, logp, z = ids[:n], logp[:n].astype(np.float32), z[:n]
+    eos = set(eos_ids)
+    u, remaining = candidate_scores(ids, z, s.gamma, eos)
+    t, T = s.generated, s.target
+    if s.rule == EQUAL:
+        rho = np.float32(max(T - t - 1, 0))
+        slot = int(np.argmin(np.abs(remaining - rho)))
+    elif s.rule == AT_MOST:
+        if t + 1 >= T:
+            eos_slots = [j for j in range(n) if int(ids[j]) in eos]
+            slot = eos_slots[0] if eos_slots else -1
+        else:
+            slot = int(np.argmin(u))
+    elif s.rule == AT_LEAST:
+        if t + 1 < T:
+            non_eos = np.array([int(x) not in eos for x in ids])
+            masked = np.where(non_eos, u, np.float32(-1)) if non_eos.any() else u
+            slot = int(np.argmax(masked))
+        else:
+            slot = int(np.argmin(u))
+    elif s.rule == TILT:
+        w = (logp + np.float32(s.beta) * u).astype(np.float32)
+        if s.greedy:
+            slot = int(np.argmax(w))
+        else:
+            p = np.exp(w - w.max()).astype(np.float32)
+            cdf = np.cumsum(p, dtype=np.float32)
+            r = np.float32(uniform) * cdf[-1]
+            slot = min(int(np.searchsorted(cdf, r, side="right")), n - 1)
+    else:
+        raise ValueError(f"unknown rule {s.rule}")
+    token = int(ids[slot]) if slot >= 0 else eos_ids[0]
+    done = token in eos or t + 1 >= s.max_new
+    return Choice(slot=slot, token=token, done=done)
