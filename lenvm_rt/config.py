@@ -173,6 +173,44 @@ class Sampling:
         return self.temperature == 0
 
 
+LENGTH_CONSTRAINTS = ("equal", "at_most", "at_least")
+
+
+@dataclass(frozen=True)
+class LengthTarget:
+    """A length constraint on the response, counted in response tokens with EOS not counted.
+
+    `LengthTarget.equal(128)` asks for 128 tokens of text followed by EOS (129 generated tokens:
+    Generation.num_tokens counts the EOS). This is the count a user reads and LIFEBench scores.
+    """
+
+    constraint: str
+    tokens: int
+
+    def __post_init__(self) -> None:
+        _require(self.constraint in LENGTH_CONSTRAINTS,
+                 f"length constraint must be one of {', '.join(LENGTH_CONSTRAINTS)}; got {self.constraint!r}")
+        _require(_is_int(self.tokens) and self.tokens > 0,
+                 f"length target must be a positive int number of tokens; got {self.tokens!r}")
+
+    @classmethod
+    def equal(cls, tokens: int) -> LengthTarget:
+        return cls("equal", tokens)
+
+    @classmethod
+    def at_most(cls, tokens: int) -> LengthTarget:
+        return cls("at_most", tokens)
+
+    @classmethod
+    def at_least(cls, tokens: int) -> LengthTarget:
+        return cls("at_least", tokens)
+
+    @property
+    def generated_target(self) -> int:
+        """T: generated tokens including the final EOS."""
+        return self.tokens + 1
+
+
 @dataclass(frozen=True)
 class Generation:
     """One finished request.
@@ -180,7 +218,8 @@ class Generation:
     token_ids      generated ids, EOS included when the model stopped on it
     num_tokens     len(token_ids): the single length counter (generated tokens, EOS included)
     finish_reason  "stop" (an EOS id was generated) or "length" (max_new_tokens reached)
-    values         predicted remaining tokens after each generated token; empty without a value model
+    values         predicted remaining tokens (EOS counted) after each generated token; empty without
+                   a value model
     """
 
     text: str

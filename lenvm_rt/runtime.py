@@ -22,16 +22,16 @@ from typing import Any
 
 import torch
 
-from .config import Generation, ModelConfig, Sampling
+from .config import Generation, LengthTarget, ModelConfig, Sampling
+from .decode import Emitted, decode
+from .guidance import Guidance
 from .model import CausalLM
-from .sampling import TokenChooser
 from .tokenizer import IncrementalDecoder, Message, Tokenizer
 from .value_model import locate
 from .values import TokenValues, ValueModel, predict_lengths, token_values
 from .weights import load_weights, read_config, resolve_checkpoint
 
 Prompt = str | Sequence[Message] | Sequence[int]
-_CACHE_BLOCK = 256  # KV capacity grows in blocks so that similar requests reuse one allocation
 DEFAULT_CONTEXT = 4096
 
 
@@ -43,6 +43,7 @@ class StreamEvent:
     text: str
     index: int
     finish_reason: str | None  # set on the last event
+    remaining: float | None = None  # predicted tokens left after this one (EOS counted); needs a value model
 
 
 def _pick_device(device: str | torch.device | None) -> torch.device:
@@ -215,72 +216,65 @@ class Runtime:
             )
 
     # ---- decoding -------------------------------------------------------------------------------
-    def _steps(self, prompts: list[list[int]], max_new_tokens: int, samplings: list[Sampling]) -> Iterator[
-            list[tuple[int, str | None] | None]]:
-        """Per step, for each row: (token, finish reason or None), or None once the row has finished."""
-        model = self.model
-        B = len(prompts)
-        lengths = [len(p) for p in prompts]
-        capacity = -(-(max(lengths) + max_new_tokens) // _CACHE_BLOCK) * _CACHE_BLOCK
-        model.allocate(batch=B, capacity=min(capacity, self.max_context))
-        ids = torch.zeros(B, max(lengths), dtype=torch.long)
-        for b, p in enumerate(prompts):
-            ids[b, : len(p)] = torch.tensor(p)
-        chooser = TokenChooser(samplings, self.device)
-        running = [True] * B
-        with torch.inference_mode():
-            h = model.prefill(ids.to(self.device), lengths)
-            positions = list(lengths)
-            pos_tensor = torch.tensor(positions, device=self.device)
-            for step in range(max_new_tokens):
-                next_ids = chooser(model.logits(h), [step] * B)
-                emitted: list[tuple[int, str | None] | None] = []
-                for b, token in enumerate(next_ids.tolist()):  # the one host sync per step
-                    if not running[b]:
-                        emitted.append(None)
-                        continue
-                    reason = "stop" if token in self.eos_token_ids else (
-                        "length" if step + 1 == max_new_tokens else None)
-                    running[b] = reason is None
-                    emitted.append((token, reason))
-                yield emitted
-                if not any(running):
-                    return
-                # Finished rows keep decoding their last token until the batch ends; their output
-                # is ignored and their cache slot is private, so other rows are unaffected.
-                h = model.decode_step(next_ids, positions, pos_tensor)
-                positions = [p + 1 for p in positions]
-                pos_tensor += 1
+    def _guidances(self, length: Any, tilt: Any, n: int) -> list[Guidance | None]:
+        lengths = list(length) if isinstance(length, (list, tuple)) else [length] * n
+        tilts = list(tilt) if isinstance(tilt, (list, tuple)) else [tilt] * n
+        if len(lengths) != n or len(tilts) != n:
+            raise ValueError(f"length and tilt must be single values or lists of {n}")
+        guidances = [Guidance.of(ln, tl) for ln, tl in zip(lengths, tilts)]
+        if any(g is not None for g in guidances):
+            self._value_model("length guidance")
+        return guidances
 
     def _samplings(self, sampling: Sampling | Sequence[Sampling], n: int) -> list[Sampling]:
         if isinstance(sampling, Sampling):
             return [sampling] * n
-        items = list(sampling)
+        items = list(sampling) if isinstance(sampling, (list, tuple)) else []
         if len(items) != n or not all(isinstance(s, Sampling) for s in items):
             raise ValueError(f"sampling must be a Sampling or a list of {n} Sampling objects")
         return items
 
-    def generate_batch(self, prompts: Sequence[Prompt], *, max_new_tokens: int = 256,
-                       sampling: Sampling | Sequence[Sampling] = Sampling()) -> list[Generation]:
-        """Decode several prompts together; each result equals the prompt decoded alone."""
-        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
-            raise ValueError("prompts must be a non-empty list of prompts")
+    def _prepare(self, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Any, length: Any, tilt: Any
+                 ) -> tuple[list[list[int]], list[Sampling], list[Guidance | None]]:
+        """Validate everything before any work starts; a rejected request changes nothing."""
         encoded = [self.encode(p) for p in prompts]
-        samplings = self._samplings(sampling, len(encoded))
         for ids in encoded:
             self._check_budget(len(ids), max_new_tokens)
+        return encoded, self._samplings(sampling, len(encoded)), self._guidances(length, tilt, len(encoded))
+
+    def _decode(self, encoded: list[list[int]], samplings: list[Sampling], guidances: list[Guidance | None],
+                max_new_tokens: int) -> Iterator[list[Emitted | None]]:
+        return decode(self.model, self.value, encoded, samplings, guidances, max_new_tokens, self.eos_token_ids,
+                      self.max_context)
+
+    def generate_batch(self, prompts: Sequence[Prompt], *, max_new_tokens: int = 256,
+                       sampling: Sampling | Sequence[Sampling] = Sampling(),
+                       length: LengthTarget | Sequence[LengthTarget | None] | None = None,
+                       tilt: float | Sequence[float | None] | None = None) -> list[Generation]:
+        """Decode several prompts together; each result equals the prompt decoded alone.
+
+        sampling, length and tilt take one value for every row or a list with one per row; rows
+        with neither length nor tilt are unguided and keep their own sampling filters.
+        """
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+            raise ValueError("prompts must be a non-empty list of prompts")
+        encoded, samplings, guidances = self._prepare(prompts, max_new_tokens, sampling, length, tilt)
         B = len(encoded)
         outputs: list[list[int]] = [[] for _ in range(B)]
+        values: list[list[float]] = [[] for _ in range(B)]
         reasons = ["length"] * B
         start = time.perf_counter()
         first_token_at = start
-        for step, emitted in enumerate(self._steps(encoded, max_new_tokens, samplings)):
+        for step, emitted in enumerate(self._decode(encoded, samplings, guidances, max_new_tokens)):
             if step == 0:
                 first_token_at = time.perf_counter()
             for b, item in enumerate(emitted):
                 if item is not None:
-                    outputs[b].append(item[0])
-                    reasons[b] = item[1] or reasons[b]
+                    token, reason, remaining = item
+                    outputs[b].append(token)
+                    reasons[b] = reason or reasons[b]
+                    if remaining is not None:
+                        values[b].append(remaining)
         end = time.perf_counter()
         return [
             Generation(
@@ -291,27 +285,32 @@ class Runtime:
                 prompt_tokens=len(encoded[b]),
                 prefill_seconds=first_token_at - start,
                 decode_seconds=end - first_token_at,
+                values=values[b],
             )
             for b, out in enumerate(outputs)
         ]
 
-    def generate(self, prompt: Prompt, *, max_new_tokens: int = 256, sampling: Sampling = Sampling()) -> Generation:
-        """Decode one prompt."""
+    def generate(self, prompt: Prompt, *, max_new_tokens: int = 256, sampling: Sampling = Sampling(),
+                 length: LengthTarget | None = None, tilt: float | None = None) -> Generation:
+        """Decode one prompt; `length` or `tilt` steer it with the value model."""
         if not isinstance(sampling, Sampling):
             raise ValueError(f"sampling must be a Sampling; got {type(sampling).__name__}")
-        return self.generate_batch([prompt], max_new_tokens=max_new_tokens, sampling=sampling)[0]
+        return self.generate_batch([prompt], max_new_tokens=max_new_tokens, sampling=sampling, length=length,
+                                   tilt=tilt)[0]
 
-    def stream(self, prompt: Prompt, *, max_new_tokens: int = 256, sampling: Sampling = Sampling()) -> Iterator[
-            StreamEvent]:
-        """Yield each token as it is generated; the last event carries the finish reason."""
+    def stream(self, prompt: Prompt, *, max_new_tokens: int = 256, sampling: Sampling = Sampling(),
+               length: LengthTarget | None = None, tilt: float | None = None) -> Iterator[StreamEvent]:
+        """Yield each token as it is generated, with the live predicted remaining length when a value
+        model is loaded; the last event carries the finish reason."""
         if not isinstance(sampling, Sampling):
             raise ValueError(f"sampling must be a Sampling; got {type(sampling).__name__}")
-        ids = self.encode(prompt)
-        self._check_budget(len(ids), max_new_tokens)
-        return self._stream(ids, max_new_tokens, sampling)
+        encoded, samplings, guidances = self._prepare([prompt], max_new_tokens, sampling, length, tilt)
+        return self._stream(encoded, samplings, guidances, max_new_tokens)
 
-    def _stream(self, ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[StreamEvent]:
+    def _stream(self, encoded: list[list[int]], samplings: list[Sampling], guidances: list[Guidance | None],
+                max_new_tokens: int) -> Iterator[StreamEvent]:
         decoder = IncrementalDecoder(self.tokenizer)
-        for index, emitted in enumerate(self._steps([ids], max_new_tokens, [sampling])):
-            token, reason = emitted[0]  # type: ignore[misc]  # a lone row is running until it ends
-            yield StreamEvent(token_id=token, text=decoder.push(token), index=index, finish_reason=reason)
+        for index, emitted in enumerate(self._decode(encoded, samplings, guidances, max_new_tokens)):
+            token, reason, remaining = emitted[0]  # type: ignore[misc]  # a lone row runs until it ends
+            yield StreamEvent(token_id=token, text=decoder.push(token), index=index, finish_reason=reason,
+                              remaining=remaining)

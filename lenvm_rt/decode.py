@@ -1,0 +1,160 @@
+"""The decode loops: plain, and with a value model (values reported, optionally length-guided).
+
+Shapes: B rows, K candidate slots, D hidden, V vocabulary.
+
+    for emitted in decode(model, value, prompts, samplings, guidances, max_new_tokens, eos_ids):
+        emitted[b] = (token, finish_reason or None, predicted remaining or None), or None once row b
+        has finished in an earlier step
+
+Plain: prefill, then one decode_step per token; rows sample with their own filters (TokenChooser).
+
+With a value model, every step is one lookahead over K candidate slots per row (LENVM.md §4.1):
+  1. candidates from the policy logits (guided rows), or the row's own sample in slot 0 (unguided
+     rows: they keep their filters and seeds exactly as in plain decoding, R2)
+  2. values z[B, K] of the state each candidate leads to: the shared trunk's own lookahead
+     (configuration b), or the separate LenVM's lookahead over its own cache (configuration a)
+  3. the step controller picks a slot per guided row (one call for the batch)
+  4. commit: the chosen candidate's K/V stay in the cache(s). Shared trunk: its lookahead output is
+     the next step's hidden state, so one trunk forward per token. Separate: the policy decodes the
+     chosen token while the LenVM keeps its own cache in step.
+Finished rows ride along until the batch ends; their outputs are dropped.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .config import Sampling
+from .guidance import CandidateSettings, Guidance, build_candidates
+from .model import CausalLM
+from .sampling import TokenChooser
+from .select_ref import AT_LEAST
+from .selector import make_selector
+from .value_math import remaining_from_logit
+from .values import ValueModel
+
+Emitted = tuple[int, "str | None", "float | None"]
+CACHE_BLOCK = 256  # KV capacity grows in blocks so that similar requests reuse one allocation
+
+
+def _right_padded(prompts: Sequence[list[int]]) -> tuple[torch.Tensor, list[int]]:
+    lengths = [len(p) for p in prompts]
+    ids = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = torch.tensor(p)
+    return ids, lengths
+
+
+def _capacity(lengths: list[int], max_new_tokens: int, limit: int) -> int:
+    return min(-(-(max(lengths) + max_new_tokens) // CACHE_BLOCK) * CACHE_BLOCK, limit)
+
+
+class _Rows:
+    """Finish bookkeeping shared by both loops."""
+
+    def __init__(self, n: int, max_new_tokens: int, eos_ids: frozenset[int]) -> None:
+        self.running = [True] * n
+        self.max_new = max_new_tokens
+        self.eos = eos_ids
+
+    def emit(self, step: int, tokens: list[int], remaining: list[float] | None) -> list[Emitted | None]:
+        out: list[Emitted | None] = []
+        for b, token in enumerate(tokens):
+            if not self.running[b]:
+                out.append(None)
+                continue
+            reason = "stop" if token in self.eos else ("length" if step + 1 == self.max_new else None)
+            self.running[b] = reason is None
+            out.append((token, reason, None if remaining is None else remaining[b]))
+        return out
+
+
+def decode(model: CausalLM, value: ValueModel | None, prompts: list[list[int]], samplings: list[Sampling],
+           guidances: list[Guidance | None], max_new_tokens: int, eos_ids: frozenset[int],
+           context: int) -> Iterator[list[Emitted | None]]:
+    if value is None:
+        return _plain(model, prompts, samplings, max_new_tokens, eos_ids, context)
+    return _valued(model, value, prompts, samplings, guidances, max_new_tokens, eos_ids, context)
+
+
+def _plain(model: CausalLM, prompts: list[list[int]], samplings: list[Sampling], max_new_tokens: int,
+           eos_ids: frozenset[int], context: int) -> Iterator[list[Emitted | None]]:
+    ids, lengths = _right_padded(prompts)
+    B = len(prompts)
+    model.allocate(batch=B, capacity=_capacity(lengths, max_new_tokens, context))
+    chooser = TokenChooser(samplings, model.device)
+    rows = _Rows(B, max_new_tokens, eos_ids)
+    with torch.inference_mode():
+        x = model.prefill(ids.to(model.device), lengths)
+        positions = list(lengths)
+        pos = torch.tensor(positions, device=model.device)
+        for step in range(max_new_tokens):
+            next_ids = chooser(model.logits(x), [step] * B)
+            yield rows.emit(step, next_ids.tolist(), None)  # the one host sync per step
+            if not any(rows.running):
+                return
+            x = model.decode_step(next_ids, positions, pos)
+            positions = [p + 1 for p in positions]
+            pos += 1
+
+
+def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], samplings: list[Sampling],
+            guidances: list[Guidance | None], max_new_tokens: int, eos_ids: frozenset[int],
+            context: int) -> Iterator[list[Emitted | None]]:
+    dev = model.device
+    ids, lengths = _right_padded(prompts)
+    B = len(prompts)
+    capacity = _capacity(lengths, max_new_tokens, context)
+    trunk = value.trunk or model  # the trunk the value head reads
+    model.allocate(batch=B, capacity=capacity)
+    if value.trunk is not None:
+        value.trunk.allocate(batch=B, capacity=capacity)
+    chooser = TokenChooser(samplings, dev)
+    guided = [b for b, g in enumerate(guidances) if g is not None]
+    unguided = torch.tensor([g is None for g in guidances], device=dev)
+    settings = CandidateSettings.of(samplings, eos_ids, dev)
+    selector = make_selector([guidances[b] for b in guided], [samplings[b] for b in guided],
+                             chooser.seeds[guided], max_new_tokens, value.gamma, eos_ids) if guided else None
+    at_least = [(b, guidances[b].target) for b in guided if guidances[b].rule == AT_LEAST]
+    rows = _Rows(B, max_new_tokens, eos_ids)
+    eos_list = torch.tensor(sorted(eos_ids), device=dev)
+    with torch.inference_mode():
+        prompt_ids = ids.to(dev)
+        x = model.prefill(prompt_ids, lengths)
+        if value.trunk is not None:
+            value.trunk.prefill(prompt_ids, lengths)
+        positions = list(lengths)
+        pos = torch.tensor(positions, device=dev)
+        arange = torch.arange(B, device=dev)
+        for step in range(max_new_tokens):
+            logits = model.logits(x)
+            plain = chooser(logits, [step] * B)  # unguided rows: exactly their plain-decoding draw
+            ban = None
+            if at_least:
+                ban = torch.zeros(B, dtype=torch.bool, device=dev)
+                ban[[b for b, target in at_least if step + 1 < target]] = True
+            cand, logp, _ = build_candidates(logits, settings, ban)  # [B, K]
+            cand = torch.where(unguided.view(-1, 1), plain.view(-1, 1), cand)
+            lookahead = trunk.lookahead(cand, positions, pos)  # [B, K, D]
+            z = value.values(lookahead.reshape(B * cand.shape[1], -1))[0].view(B, -1)  # [B, K] fp32
+            slot = torch.zeros(B, dtype=torch.long, device=dev)
+            tokens = plain.clone()
+            if selector is not None:
+                g_slot, g_token = selector.step(cand[guided], logp[guided], z[guided])
+                slot[guided] = g_slot.clamp(min=0)
+                tokens[guided] = g_token
+            z_chosen = z[arange, slot]
+            remaining = remaining_from_logit(z_chosen.double(), value.gamma)
+            remaining = torch.where(torch.isin(tokens, eos_list), torch.zeros_like(remaining), remaining)
+            yield rows.emit(step, tokens.tolist(), remaining.tolist())
+            if not any(rows.running):
+                return
+            trunk.commit(slot, positions, pos)
+            if value.trunk is None:
+                x = lookahead[arange, slot]  # the chosen candidate's output is the next hidden state
+            else:
+                x = model.decode_step(tokens, positions, pos)
+            positions = [p + 1 for p in positions]
+            pos += 1
+

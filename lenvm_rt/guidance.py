@@ -1,0 +1,98 @@
+"""Candidate sets and per-row guidance settings for length-guided decoding (LENVM.md §4.1–§4.2).
+
+Shapes: B rows, V vocabulary, K candidate slots, E EOS ids.
+
+    cands = build_candidates(logits[B, V], settings, ban_eos[B])   # ids/logp[B, K], filled[B, K]
+
+Candidates per row: softmax(logits / temperature) (temperature 1 for greedy rows), the K most
+probable tokens sorted descending (K is the row's top_k, capped at K_MAX; DEFAULT_K when top_k is
+off), then top-p on the exclusive prefix mass of full-vocabulary probabilities, then min-p against
+the row's most probable token. Slot 0 always survives. Unfilled slots repeat slot 0's id (so the
+lookahead has a real token to run) and carry logp = -inf. Rows in `ban_eos` (At Least before its
+target) never see an EOS candidate.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .config import LengthTarget, Sampling
+from .select_ref import AT_LEAST, AT_MOST, EQUAL, TILT
+
+DEFAULT_K = 15  # LIFEBench guided settings use top-k 15 (LENVM.md §4.2)
+K_MAX = 64
+_RULES = {"equal": EQUAL, "at_most": AT_MOST, "at_least": AT_LEAST}
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """A row's guidance: a length rule with its target, or a tilt β."""
+
+    rule: int
+    target: int  # T: generated tokens including EOS (TILT: unused, 0)
+    beta: float
+
+    @staticmethod
+    def of(length: LengthTarget | None, tilt: float | None) -> Guidance | None:
+        if length is not None and tilt is not None:
+            raise ValueError("pass either length=... or tilt=..., not both")
+        if length is not None:
+            if not isinstance(length, LengthTarget):
+                raise ValueError(f"length must be a LengthTarget; got {type(length).__name__}")
+            return Guidance(_RULES[length.constraint], length.generated_target, 0.0)
+        if tilt is not None:
+            if isinstance(tilt, bool) or not isinstance(tilt, (int, float)) or not abs(tilt) < float("inf"):
+                raise ValueError(f"tilt must be a finite number (β < 0 shortens, β > 0 lengthens); got {tilt!r}")
+            return Guidance(TILT, 0, float(tilt))
+        return None
+
+
+def candidate_slots(sampling: Sampling) -> int:
+    return min(sampling.top_k or DEFAULT_K, K_MAX)
+
+
+@dataclass
+class CandidateSettings:
+    """Per-row filter settings as device tensors, built once per batch."""
+
+    k: int  # slots per row (max over rows)
+    inv_temperature: torch.Tensor  # [B, 1]
+    top_k: torch.Tensor  # [B]
+    top_p: torch.Tensor  # [B]
+    min_p: torch.Tensor  # [B]
+    eos_ids: torch.Tensor  # [E]
+
+    @staticmethod
+    def of(samplings: Sequence[Sampling], eos_ids: Sequence[int], device: torch.device) -> CandidateSettings:
+        slots = [candidate_slots(s) for s in samplings]
+        return CandidateSettings(
+            k=max(slots),
+            inv_temperature=torch.tensor([1.0 / (s.temperature or 1.0) for s in samplings],
+                                         device=device).view(-1, 1),
+            top_k=torch.tensor(slots, device=device),
+            top_p=torch.tensor([s.top_p for s in samplings], device=device),
+            min_p=torch.tensor([s.min_p for s in samplings], device=device),
+            eos_ids=torch.tensor(sorted(eos_ids), device=device, dtype=torch.long),
+        )
+
+
+def build_candidates(logits: torch.Tensor, cfg: CandidateSettings, ban_eos: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits[B, V] fp32 -> (ids[B, K] int64, logp[B, K] fp32, filled[B, K] bool)."""
+    scaled = logits * cfg.inv_temperature
+    if ban_eos is not None:
+        banned = torch.zeros_like(scaled, dtype=torch.bool)
+        banned[:, cfg.eos_ids] = True
+        scaled = scaled.masked_fill(banned & ban_eos.view(-1, 1), float("-inf"))
+    logp, ids = torch.log_softmax(scaled, dim=-1).topk(cfg.k, dim=-1)  # sorted descending
+    p = logp.exp()
+    rank = torch.arange(cfg.k, device=logits.device).view(1, -1)
+    filled = rank < cfg.top_k.view(-1, 1)
+    filled &= (p.cumsum(dim=-1) - p) <= cfg.top_p.view(-1, 1)
+    filled &= p >= cfg.min_p.view(-1, 1) * p[:, :1]
+    filled[:, 0] = True
+    ids = torch.where(filled, ids, ids[:, :1])
+    logp = logp.masked_fill(~filled, float("-inf"))
+    return ids, logp, filled

@@ -1,0 +1,138 @@
+"""Length-guided decoding end to end, with a synthetic value model whose answers are known.
+
+The oracle LenVM's single layer has its output projections zeroed, so the hidden state of a
+candidate is its embedding row and the oracle can read the candidate's token id back from it. It
+predicts r(t) = ORACLE[t] tokens left after a non-EOS token t. The policy's logits get +30 on EOS so
+that EOS is always its most probable token: every candidate set contains EOS, and the rules alone
+decide when to stop.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from checkpoints import make_checkpoint, make_value_head
+
+import lenvm_rt
+from lenvm_rt import LengthTarget, Sampling
+from lenvm_rt.value_math import logit_of_length, remaining_from_logit
+from lenvm_rt.values import ValueModel
+
+EOS = 2
+GAMMA = 0.98
+ORACLE = (torch.arange(384) * 7 % 40 + 1).double()  # r(t) in 1..40
+
+
+class OracleValues(ValueModel):
+    """z = logit_of_length(r(token)) for the token whose embedding row is x."""
+
+    def values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embed = self.trunk.w.embed.float()
+        token = torch.cdist(x.float(), embed).argmin(dim=-1)
+        z = logit_of_length(ORACLE[token], self.gamma).float()
+        return z, torch.sigmoid(z)
+
+
+@pytest.fixture(scope="module")
+def rt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("guided")
+    policy = make_checkpoint(root / "policy", "llama", seed=1)
+    value = make_checkpoint(root / "lenvm", "llama", seed=2, tied=True, layers=1)
+    make_value_head(value / "value_head.safetensors", 64, gamma=GAMMA)
+    runtime = lenvm_rt.load(policy, value_model=value, device="cpu")
+    vm = runtime.value
+    layer = vm.trunk.w.layers[0]
+    layer.o, layer.down = torch.zeros_like(layer.o), torch.zeros_like(layer.down)  # hidden = embedding
+    runtime.value = OracleValues(vm.head, vm.gamma, vm.trunk, vm.source, 1e-5)
+    policy_logits = runtime.model.logits
+    boost = torch.zeros(384)
+    boost[EOS] = 30.0
+
+    def logits_with_eos_on_top(x: torch.Tensor) -> torch.Tensor:
+        return policy_logits(x) + boost
+
+    runtime.model.logits = logits_with_eos_on_top  # EOS: the most probable token at every step
+    return runtime
+
+
+GUIDED = Sampling(temperature=1.0, top_k=64, seed=5)
+
+
+@pytest.mark.parametrize("n", [1, 5, 17, 33])
+def test_equal_to_hits_the_exact_target(rt, n):
+    out = rt.generate([5, 17, 42], max_new_tokens=80, sampling=GUIDED, length=LengthTarget.equal(n))
+    assert out.finish_reason == "stop"
+    assert out.num_tokens == n + 1  # n tokens of text, then EOS
+    assert out.token_ids[-1] in rt.eos_token_ids and not rt.eos_token_ids & set(out.token_ids[:-1])
+
+
+@pytest.mark.parametrize("n", [3, 20])
+def test_at_least_never_stops_early(rt, n):
+    out = rt.generate([9, 8, 7], max_new_tokens=60, sampling=GUIDED, length=LengthTarget.at_least(n))
+    assert not rt.eos_token_ids & set(out.token_ids[:n])
+    assert out.num_tokens == n + 1 and out.finish_reason == "stop"  # shortest once met: EOS
+
+
+def test_at_most_never_exceeds_even_without_an_eos_candidate(rt):
+    out = rt.generate([9, 8, 7], max_new_tokens=60, sampling=GUIDED, length=LengthTarget.at_most(12))
+    assert out.num_tokens <= 13 and out.token_ids[-1] in rt.eos_token_ids
+
+
+def test_tilt_towards_minus_infinity_takes_the_minimum_value_candidate(rt):
+    out = rt.generate([9, 8, 7], max_new_tokens=20, sampling=GUIDED, tilt=-1e4)
+    assert out.num_tokens == 1 and out.token_ids[0] in rt.eos_token_ids  # u(EOS) = 0 is the minimum
+    longer = rt.generate([9, 8, 7], max_new_tokens=20, sampling=GUIDED, tilt=1e4)
+    assert longer.num_tokens == 20 and not rt.eos_token_ids & set(longer.token_ids)  # maximum u: never EOS
+
+
+def test_values_report_the_oracle_remaining_length(rt):
+    out = rt.generate([5, 17, 42], max_new_tokens=30, sampling=GUIDED, length=LengthTarget.equal(9))
+    expected = [remaining_from_logit(logit_of_length(ORACLE[t].item(), GAMMA), GAMMA) for t in out.token_ids[:-1]]
+    assert out.values[:-1] == pytest.approx(expected, rel=1e-4)
+    assert out.values[-1] == 0.0 and len(out.values) == out.num_tokens
+
+
+def test_mixed_batch_equals_each_row_alone(rt):
+    prompts = [[5, 17, 42], [9, 8, 7, 6], [100, 101], [11, 12, 13]]
+    lengths = [LengthTarget.equal(6), None, LengthTarget.at_least(4), None]
+    tilts = [None, None, None, -3.0]
+    samplings = [GUIDED, Sampling(temperature=0.9, top_p=0.9, seed=1), GUIDED, Sampling(seed=2, top_k=20)]
+    batch = rt.generate_batch(prompts, max_new_tokens=12, sampling=samplings, length=lengths, tilt=tilts)
+    for b in range(4):
+        alone = rt.generate(prompts[b], max_new_tokens=12, sampling=samplings[b], length=lengths[b], tilt=tilts[b])
+        assert batch[b].token_ids == alone.token_ids, f"row {b}"
+
+
+def test_unguided_row_keeps_its_plain_tokens(rt):
+    s = Sampling(temperature=0.8, top_p=0.95, seed=9)
+    valued = rt.generate([5, 6, 7], max_new_tokens=10, sampling=s)
+    policy_only = lenvm_rt.load(rt.directory, device="cpu")
+    policy_only.model.logits = rt.model.logits
+    assert valued.token_ids == policy_only.generate([5, 6, 7], max_new_tokens=10, sampling=s).token_ids
+    assert len(valued.values) == valued.num_tokens
+
+
+def test_stream_carries_the_live_prediction(rt):
+    events = list(rt.stream([5, 17, 42], max_new_tokens=30, sampling=GUIDED, length=LengthTarget.equal(7)))
+    assert len(events) == 8 and events[-1].finish_reason == "stop"
+    assert all(e.remaining is not None for e in events) and events[-1].remaining == 0.0
+
+
+def test_guidance_needs_a_value_model(rt):
+    plain = lenvm_rt.load(rt.directory, device="cpu")
+    with pytest.raises(ValueError, match="needs a value model"):
+        plain.generate([5, 6], max_new_tokens=4, length=LengthTarget.equal(3))
+    with pytest.raises(ValueError, match="either length=... or tilt="):
+        rt.generate([5, 6], max_new_tokens=4, length=LengthTarget.equal(3), tilt=-1.0)
+    with pytest.raises(ValueError, match="tilt must be a finite number"):
+        rt.generate([5, 6], max_new_tokens=4, tilt=float("nan"))
+    assert rt.generate([5, 6], max_new_tokens=4, length=LengthTarget.equal(2), sampling=GUIDED).finish_reason == "stop"
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: LengthTarget.equal(0), "positive int"),
+    (lambda: LengthTarget.at_most(-3), "positive int"),
+    (lambda: LengthTarget("exactly", 5), "must be one of"),
+])
+def test_bad_length_targets(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
