@@ -104,27 +104,50 @@ def cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def _length(a: argparse.Namespace):
+    from .config import LengthTarget
+
+    if a.length is None:
+        if a.constraint is not None:
+            raise ValueError("--constraint needs --length N")
+        return None
+    return LengthTarget(a.constraint.replace("-", "_") if a.constraint else "equal", a.length)
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     sampling = _sampling(a)
+    length = _length(a)
     rt = _load(a)
     if a.raw:
         prompt = a.prompt
     else:
         prompt = ([{"role": "system", "content": a.system}] if a.system else []) + [
             {"role": "user", "content": a.prompt}]
+    steer = {"length": length, "tilt": a.tilt}
     if a.json:
-        gen = rt.generate(prompt, max_new_tokens=a.max_new_tokens, sampling=sampling)
+        gen = rt.generate(prompt, max_new_tokens=a.max_new_tokens, sampling=sampling, **steer)
         print(json.dumps({
             "token_ids": gen.token_ids, "text": gen.text, "num_tokens": gen.num_tokens,
             "finish_reason": gen.finish_reason, "prompt_tokens": gen.prompt_tokens,
             "ms_per_token": gen.ms_per_token, "prefill_ms": 1000.0 * gen.prefill_seconds,
+            "values": gen.values, "gamma": rt.gamma,
         }, ensure_ascii=False))
         return 0
+    from tqdm import tqdm
+
     start, count = time.perf_counter(), 0
-    for event in rt.stream(prompt, max_new_tokens=a.max_new_tokens, sampling=sampling):
+    bar = tqdm(total=a.max_new_tokens, unit="tok", file=sys.stderr, disable=rt.value is None or a.no_progress,
+               desc="generating", leave=False)
+    for event in rt.stream(prompt, max_new_tokens=a.max_new_tokens, sampling=sampling, **steer):
+        count += 1
+        if event.remaining is not None:  # the bar's total is the live predicted length
+            bar.total = min(a.max_new_tokens, count + round(event.remaining))
+        bar.update(1)
+        bar.clear()
         sys.stdout.write(event.text)
         sys.stdout.flush()
-        count += 1
+        bar.refresh()
+    bar.close()
     elapsed = time.perf_counter() - start
     print(f"\n[{count} tokens, {count / elapsed:.1f} tok/s]", file=sys.stderr)
     return 0
@@ -184,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", default=None, help="system message (chat mode)")
     gen.add_argument("--raw", action="store_true", help="encode the prompt as plain text, no chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    _value_args(gen, required=False)
+    gen.add_argument("--length", type=int, default=None, help="length target N in response tokens (EOS not counted)")
+    gen.add_argument("--constraint", choices=["equal", "at-most", "at-least"], default=None,
+                     help="how --length binds (default: equal)")
+    gen.add_argument("--tilt", type=float, default=None, help="exponential tilt β: < 0 shorter, > 0 longer")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
 
     values = sub.add_parser("values", help="per-token values, predicted remaining tokens and TD residuals")

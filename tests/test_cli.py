@@ -93,3 +93,22 @@ def test_values_without_gamma_is_a_clear_error(ckpt, tmp_path, capsys):
     assert main(["values", "--model", str(ckpt), "--value-model", str(head), "--prompt", "a",
                  "--response", "b"]) == 2
     assert "does not record its discount" in capsys.readouterr().err
+
+
+def test_generate_with_a_length_target(ckpt, value_head, capsys):
+    assert main(["generate", "--model", str(ckpt), "--value-model", str(value_head), "--prompt", "hi",
+                 "--length", "5", "--constraint", "at-most", "--top-k", "8", "--seed", "1",
+                 "--max-new-tokens", "20", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["num_tokens"] <= 6 and len(out["values"]) == out["num_tokens"] and out["gamma"] == 0.99
+
+
+def test_generate_streams_with_the_live_prediction_bar(ckpt, value_head, capsys):
+    assert main(["generate", "--model", str(ckpt), "--value-model", str(value_head), "--prompt", "hi",
+                 "--tilt", "-2", "--max-new-tokens", "6", "--temperature", "1", "--seed", "2"]) == 0
+    assert "tokens" in capsys.readouterr().err
+
+
+def test_length_flag_without_value_model_is_a_clear_error(ckpt, capsys):
+    assert main(["generate", "--model", str(ckpt), "--prompt", "hi", "--length", "5"]) == 2
+    assert "needs a value model" in capsys.readouterr().err
