@@ -79,6 +79,16 @@ class ValueModel:
             return vm
         cfg: ModelConfig = read_config(source.backbone)
         check_same_vocabulary(policy_tokenizer, Tokenizer(source.backbone), policy.cfg, cfg)
+        return ValueModel.load_backbone(source, gamma=g, device=device, dtype=dtype)
+
+    @staticmethod
+    def load_backbone(source: ValueModelSource, *, gamma: float | None, device: torch.device,
+                      dtype: torch.dtype) -> ValueModel:
+        """A separate LenVM (configuration a) on its own, without a policy to check it against."""
+        if source.backbone is None:
+            raise ValueError(f"{source.head_file} is a head without a backbone; it needs the policy's trunk")
+        g = read_gamma(source, gamma)
+        cfg = read_config(source.backbone)
         head = load_value_head(source.head_file, cfg.hidden_size, device=device, dtype=dtype)
         weights = load_weights(source.backbone, cfg, device=device, dtype=dtype, with_lm_head=False)
         return ValueModel(head, g, CausalLM(cfg, weights), source, cfg.rms_norm_eps)
