@@ -5,6 +5,7 @@
     lenvm-rt values --value-model P --prompt T --response R [--plot out.png] [--json]
     lenvm-rt predict --value-model P --prompt T [--prompt T2 ...] [--json]
     lenvm-rt bench decode [--json] ...              per-token time vs transformers and the floor
+    lenvm-rt bench guided [--json] ...              guided vs plain, both configurations, vs the reference
 
 Bad arguments and bad inputs print one `error: ...` line and exit with status 2.
 """
@@ -191,6 +192,16 @@ def cmd_bench_decode(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_guided(a: argparse.Namespace) -> int:
+    from .bench.guided import run
+
+    _threads(a.threads)
+    results = run(a.model, tokens=a.tokens, repeats=a.repeats, out=a.out, device=a.device, progress=not a.json)
+    if a.json:
+        print(json.dumps(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lenvm-rt", description="Length Value Model runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -243,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--out", default="benchmarks/results/bench_decode.json")
     dec.add_argument("--json", action="store_true", help="print the results as JSON")
     dec.set_defaults(func=cmd_bench_decode)
+    gui = bench_sub.add_parser("guided", help="guided vs plain decoding, both configurations, vs the reference method")
+    _model_args(gui)
+    gui.add_argument("--tokens", type=int, default=32)
+    gui.add_argument("--repeats", type=int, default=3)
+    gui.add_argument("--out", default="benchmarks/results/bench_guided.json")
+    gui.add_argument("--json", action="store_true", help="print the results as JSON")
+    gui.set_defaults(func=cmd_bench_guided)
     return parser
 
 

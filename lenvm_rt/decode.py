@@ -21,6 +21,7 @@ Finished rows ride along until the batch ends; their outputs are dropped.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -50,6 +51,35 @@ def _capacity(lengths: list[int], max_new_tokens: int, limit: int) -> int:
     return min(-(-(max(lengths) + max_new_tokens) // CACHE_BLOCK) * CACHE_BLOCK, limit)
 
 
+class Stopwatch:
+    """Optional per-section timing of the guided step (seconds, summed over steps).
+
+    Laps use the host clock: exact on the CPU, where every op is synchronous; on CUDA they measure
+    launch time only unless the caller synchronises.
+    """
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self.steps = 0
+        self._t = time.perf_counter()
+
+    def start(self) -> None:
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.totals[name] = self.totals.get(name, 0.0) + now - self._t
+        self._t = now
+
+
+class _NoStopwatch(Stopwatch):
+    def start(self) -> None:
+        pass
+
+    def lap(self, name: str) -> None:
+        pass
+
+
 class _Rows:
     """Finish bookkeeping shared by both loops."""
 
@@ -72,10 +102,11 @@ class _Rows:
 
 def decode(model: CausalLM, value: ValueModel | None, prompts: list[list[int]], samplings: list[Sampling],
            guidances: list[Guidance | None], max_new_tokens: int, eos_ids: frozenset[int],
-           context: int) -> Iterator[list[Emitted | None]]:
+           context: int, stopwatch: Stopwatch | None = None) -> Iterator[list[Emitted | None]]:
     if value is None:
         return _plain(model, prompts, samplings, max_new_tokens, eos_ids, context)
-    return _valued(model, value, prompts, samplings, guidances, max_new_tokens, eos_ids, context)
+    return _valued(model, value, prompts, samplings, guidances, max_new_tokens, eos_ids, context,
+                   stopwatch or _NoStopwatch())
 
 
 def _plain(model: CausalLM, prompts: list[list[int]], samplings: list[Sampling], max_new_tokens: int,
@@ -101,7 +132,7 @@ def _plain(model: CausalLM, prompts: list[list[int]], samplings: list[Sampling],
 
 def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], samplings: list[Sampling],
             guidances: list[Guidance | None], max_new_tokens: int, eos_ids: frozenset[int],
-            context: int) -> Iterator[list[Emitted | None]]:
+            context: int, watch: Stopwatch) -> Iterator[list[Emitted | None]]:
     dev = model.device
     ids, lengths = _right_padded(prompts)
     B = len(prompts)
@@ -128,6 +159,7 @@ def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], sampli
         pos = torch.tensor(positions, device=dev)
         arange = torch.arange(B, device=dev)
         for step in range(max_new_tokens):
+            watch.start()
             logits = model.logits(x)
             plain = chooser(logits, [step] * B)  # unguided rows: exactly their plain-decoding draw
             ban = None
@@ -136,20 +168,27 @@ def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], sampli
                 ban[[b for b, target in at_least if step + 1 < target]] = True
             cand, logp, _ = build_candidates(logits, settings, ban)  # [B, K]
             cand = torch.where(unguided.view(-1, 1), plain.view(-1, 1), cand)
+            watch.lap("lm_head_and_candidates")
             lookahead = trunk.lookahead(cand, positions, pos)  # [B, K, D]
+            watch.lap("lookahead_forward")
             z = value.values(lookahead.reshape(B * cand.shape[1], -1))[0].view(B, -1)  # [B, K] fp32
+            watch.lap("value_head")
             slot = torch.zeros(B, dtype=torch.long, device=dev)
             tokens = plain.clone()
             if selector is not None:
                 g_slot, g_token = selector.step(cand[guided], logp[guided], z[guided])
                 slot[guided] = g_slot.clamp(min=0)
                 tokens[guided] = g_token
+            watch.lap("select")
             z_chosen = z[arange, slot]
             remaining = remaining_from_logit(z_chosen.double(), value.gamma)
             remaining = torch.where(torch.isin(tokens, eos_list), torch.zeros_like(remaining), remaining)
-            yield rows.emit(step, tokens.tolist(), remaining.tolist())
+            emitted = rows.emit(step, tokens.tolist(), remaining.tolist())
+            watch.lap("host")
+            yield emitted
             if not any(rows.running):
                 return
+            watch.start()
             trunk.commit(slot, positions, pos)
             if value.trunk is None:
                 x = lookahead[arange, slot]  # the chosen candidate's output is the next hidden state
@@ -157,4 +196,5 @@ def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], sampli
                 x = model.decode_step(tokens, positions, pos)
             positions = [p + 1 for p in positions]
             pos += 1
-
+            watch.lap("commit_and_policy_forward")
+            watch.steps += 1
