@@ -6,6 +6,7 @@
     lenvm-rt predict --value-model P --prompt T [--prompt T2 ...] [--json]
     lenvm-rt bench decode [--json] ...              per-token time vs transformers and the floor
     lenvm-rt bench guided [--json] ...              guided vs plain, both configurations, vs the reference
+    lenvm-rt bench value-head [--json] ...          the value read's cost on top of a decode step
 
 Bad arguments and bad inputs print one `error: ...` line and exit with status 2.
 """
@@ -202,6 +203,16 @@ def cmd_bench_guided(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_value_head(a: argparse.Namespace) -> int:
+    from .bench.value_head import run
+
+    _threads(a.threads)
+    results = run(a.model, steps=a.steps, repeats=a.repeats, device=a.device, out=a.out)
+    if a.json:
+        print(json.dumps(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lenvm-rt", description="Length Value Model runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -261,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     gui.add_argument("--out", default="benchmarks/results/bench_guided.json")
     gui.add_argument("--json", action="store_true", help="print the results as JSON")
     gui.set_defaults(func=cmd_bench_guided)
+    vh = bench_sub.add_parser("value-head", help="cost of the value read on top of a plain decode step")
+    _model_args(vh)
+    vh.add_argument("--steps", type=int, default=64)
+    vh.add_argument("--repeats", type=int, default=3)
+    vh.add_argument("--out", default="benchmarks/results/bench_value_head.json")
+    vh.add_argument("--json", action="store_true", help="print the results as JSON")
+    vh.set_defaults(func=cmd_bench_value_head)
     return parser
 
 
