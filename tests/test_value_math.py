@@ -30,7 +30,7 @@ def test_logit_round_trip_recovers_the_length(length, gamma):
 @given(st.floats(min_value=0.0, max_value=2_000), gammas)
 def test_value_round_trip_recovers_the_length(length, gamma):
     u = value_of_length(length, gamma)
-    if u < 1 - 1e-12:  # beyond that the float u no longer resolves the length
+    if u < 1 - 1e-9:  # closer to 1 a float u no longer resolves the length (why the runtime inverts z)
         assert remaining_from_value(u, gamma) == pytest.approx(length, rel=1e-6, abs=1e-9)
 
 
