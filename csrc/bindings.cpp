@@ -4,14 +4,38 @@
 //   Arrays are C-contiguous 1-D numpy arrays of exactly these dtypes (no conversion: a wrong dtype or layout
 //   raises TypeError instead of copying). Shape, writeability and range errors raise ValueError naming the
 //   argument. The loop runs with the GIL released.
+//
+// linear(x: float32[M, K], weight: float32[N, K], bias: float32[N] | None, out: float32[M, N]) -> None
+//   out = x @ weight.T + bias (lenvm::linear, csrc/linear.h). C-contiguous float32 arrays only (a wrong dtype
+//   or layout raises TypeError); shape, writeability and overlap errors raise ValueError naming the argument.
+//   Runs on the default thread pool with the GIL released.
+// set_num_threads(n: int) -> None; get_num_threads() -> int
+//   Thread count of the default pool (csrc/thread_pool.h), calling thread included; n outside [1, 1024]
+//   raises ValueError.
+// linear_kernel() -> str
+//   "avx2_fma" or "scalar": the kernel linear() uses in this process.
+//
+// GuidanceBatch(capacity: int, eos_ids: list[int])   (lenvm::GuidanceBatch, csrc/guidance.h)
+//   admit / retire / capacity / active_count / is_active / generated / eos_ids: slot-table bookkeeping.
+//   step(rows: int32[B], cand_ids: int32[B, K], cand_logp: float32[B, K], cand_z: float32[B, K],
+//        out_slot: int32[B], out_token: int32[B], out_done: uint8[B]) -> None
+//   One decode step for the whole batch. C-contiguous arrays of exactly these dtypes (a wrong dtype or layout
+//   raises TypeError); shape, writeability and overlap errors here, value errors in lenvm::GuidanceBatch, raise
+//   ValueError (IndexError for a slot outside the table) naming the argument. Runs with the GIL released.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
+#include <functional>
+#include <optional>
 #include <string>
 
 #include "errors.h"
+#include "guidance.h"
+#include "linear.h"
 #include "rng.h"
+#include "thread_pool.h"
 
 namespace py = pybind11;
 
@@ -19,6 +43,21 @@ namespace {
 
 template <class T>
 using CArray = py::array_t<T, py::array::c_style>;
+
+// Runs `fn` with the GIL released. The GIL is taken back by a plain call, not by a destructor such as
+// py::gil_scoped_release's: during interpreter finalization CPython ends a daemon thread that asks for the
+// GIL with pthread_exit, whose forced unwind through a (noexcept) destructor would call std::terminate.
+template <class Fn>
+void without_gil(Fn&& fn) {
+    PyThreadState* const state = PyEval_SaveThread();
+    try {
+        fn();
+    } catch (...) {
+        PyEval_RestoreThread(state);
+        throw;
+    }
+    PyEval_RestoreThread(state);
+}
 
 template <class T>
 void check_vector(const CArray<T>& a, const char* name, py::ssize_t length) {
@@ -38,9 +77,101 @@ void philox_uniform(const CArray<std::uint64_t>& seeds, const CArray<std::uint32
     const std::uint64_t* seed_ptr = seeds.data();
     const std::uint32_t* offset_ptr = offsets.data();
     float* out_ptr = out.mutable_data();
-    py::gil_scoped_release release;
-    lenvm::rng::uniform_batch(seed_ptr, offset_ptr, static_cast<std::size_t>(n),
-                              static_cast<std::uint32_t>(stream), out_ptr);
+    without_gil([&] {
+        lenvm::rng::uniform_batch(seed_ptr, offset_ptr, static_cast<std::size_t>(n),
+                                  static_cast<std::uint32_t>(stream), out_ptr);
+    });
+}
+
+std::string shape_of(const py::array& a) {
+    std::string text = "shape [";
+    for (py::ssize_t d = 0; d < a.ndim(); ++d) text += (d > 0 ? ", " : "") + std::to_string(a.shape(d));
+    return text + "]";
+}
+
+// True when [a, a + a_len) and [b, b + b_len) share an element (empty ranges share nothing).
+bool overlaps(const float* a, py::ssize_t a_len, const float* b, py::ssize_t b_len) {
+    const std::less<const float*> before;
+    return a_len > 0 && b_len > 0 && before(a, b + b_len) && before(b, a + a_len);
+}
+
+void linear(const CArray<float>& x, const CArray<float>& weight, const std::optional<CArray<float>>& bias,
+            CArray<float>& out) {
+    lenvm::check(x.ndim() == 2, "x", "a 2-D array [M, K]", shape_of(x));
+    const py::ssize_t m = x.shape(0);
+    const py::ssize_t k = x.shape(1);
+    lenvm::check(weight.ndim() == 2 && weight.shape(1) == k, "weight",
+                 "shape [N, " + std::to_string(k) + "] (K from x)", shape_of(weight));
+    const py::ssize_t n = weight.shape(0);
+    if (bias) {
+        lenvm::check(bias->ndim() == 1 && bias->shape(0) == n, "bias",
+                     "shape [" + std::to_string(n) + "] (N from weight)", shape_of(*bias));
+    }
+    lenvm::check(out.ndim() == 2 && out.shape(0) == m && out.shape(1) == n, "out",
+                 "shape [" + std::to_string(m) + ", " + std::to_string(n) + "] (M from x, N from weight)",
+                 shape_of(out));
+    lenvm::check(out.writeable(), "out", "a writeable array", "a read-only array");
+
+    const float* x_ptr = x.data();
+    const float* weight_ptr = weight.data();
+    const float* bias_ptr = bias ? bias->data() : nullptr;
+    float* out_ptr = out.mutable_data();
+    const bool shared = overlaps(out_ptr, out.size(), x_ptr, x.size()) ||
+                        overlaps(out_ptr, out.size(), weight_ptr, weight.size()) ||
+                        (bias && overlaps(out_ptr, out.size(), bias_ptr, bias->size()));
+    lenvm::check(!shared, "out", "memory disjoint from x, weight and bias", "an overlapping array");
+    without_gil([&] { lenvm::linear(x_ptr, weight_ptr, bias_ptr, out_ptr, m, n, k, lenvm::default_pool()); });
+}
+
+// Shape message built only on failure, so a clean step allocates nothing here.
+template <class Expected>
+[[noreturn]] void fail_shape(const char* name, const Expected& expected, const py::array& got) {
+    throw std::invalid_argument(lenvm::describe_failure(name, expected, shape_of(got)));
+}
+
+bool share_bytes(const py::array& a, const py::array& b) {
+    const std::less<const char*> before;
+    const auto* a_begin = static_cast<const char*>(a.data());
+    const auto* b_begin = static_cast<const char*>(b.data());
+    return a.nbytes() > 0 && b.nbytes() > 0 && before(a_begin, b_begin + b.nbytes()) &&
+           before(b_begin, a_begin + a.nbytes());
+}
+
+void guidance_step(lenvm::GuidanceBatch& batch, const CArray<std::int32_t>& rows, const CArray<std::int32_t>& cand_ids,
+                   const CArray<float>& cand_logp, const CArray<float>& cand_z, CArray<std::int32_t>& out_slot,
+                   CArray<std::int32_t>& out_token, CArray<std::uint8_t>& out_done) {
+    if (rows.ndim() != 1) fail_shape("rows", "a 1-D array [B]", rows);
+    const py::ssize_t b = rows.shape(0);
+    if (cand_ids.ndim() != 2 || cand_ids.shape(0) != b) {
+        fail_shape("cand_ids", "shape [B, K] with B = " + std::to_string(b) + " (from rows)", cand_ids);
+    }
+    const py::ssize_t k = cand_ids.shape(1);
+    const auto same_as_ids = [&](const py::array& a, const char* name) {
+        if (a.ndim() != 2 || a.shape(0) != b || a.shape(1) != k) {
+            fail_shape(name, "shape [" + std::to_string(b) + ", " + std::to_string(k) + "] (as cand_ids)", a);
+        }
+    };
+    same_as_ids(cand_logp, "cand_logp");
+    same_as_ids(cand_z, "cand_z");
+    const py::array inputs[] = {rows, cand_ids, cand_logp, cand_z};
+    const py::array outputs[] = {out_slot, out_token, out_done};
+    const char* const output_names[] = {"out_slot", "out_token", "out_done"};
+    for (int o = 0; o < 3; ++o) {
+        const py::array& out = outputs[o];
+        if (out.ndim() != 1 || out.shape(0) != b) {
+            fail_shape(output_names[o], "shape [" + std::to_string(b) + "] (B from rows)", out);
+        }
+        lenvm::check(out.writeable(), output_names[o], "a writeable array", "a read-only array");
+        bool shared = false;
+        for (const py::array& other : inputs) shared = shared || share_bytes(out, other);
+        for (int p = 0; p < o; ++p) shared = shared || share_bytes(out, outputs[p]);
+        lenvm::check(!shared, output_names[o], "memory disjoint from the inputs and the other outputs",
+                     "an overlapping array");
+    }
+    const lenvm::StepArgs args{rows.data(),          cand_ids.data(),        cand_logp.data(),
+                               cand_z.data(),        out_slot.mutable_data(), out_token.mutable_data(),
+                               out_done.mutable_data(), static_cast<std::int64_t>(b), static_cast<std::int64_t>(k)};
+    without_gil([&] { batch.step(args); });
 }
 
 }  // namespace
@@ -52,4 +183,39 @@ PYBIND11_MODULE(_core, m) {
           "Write Philox4x32-10 uniforms in [0, 1) into `out` (float32[B]), bit-identical to Triton's tl.rand.\n\n"
           "Element i uses key = seeds[i] (uint64: low word, high word) and counter = (offsets[i], stream, 0, 0);\n"
           "seeds: uint64[B], offsets: uint32[B], stream in [0, 2**32), out: float32[B], all C-contiguous.");
+    m.def("linear", &linear, py::arg("x").noconvert(), py::arg("weight").noconvert(),
+          py::arg("bias").noconvert().none(true), py::arg("out").noconvert(),
+          "Write x @ weight.T + bias into `out` (float32, C-contiguous): x [M, K], weight [N, K],\n"
+          "bias [N] or None, out [M, N], out disjoint from the inputs. out[m, n] depends only on x[m], weight[n],\n"
+          "bias[n] and K (bit-identical for any M and thread count). Runs on the default thread pool, GIL released.");
+    m.def("set_num_threads", [](int n) { without_gil([n] { lenvm::default_pool().set_num_threads(n); }); },
+          py::arg("n"),
+          "Set the default pool's thread count (calling thread included), n in [1, 1024].");
+    m.def("get_num_threads", [] { return lenvm::default_pool().num_threads(); },
+          "Thread count of the default pool: set_num_threads, else LENVM_RT_NUM_THREADS, else min(cores, 8).");
+    m.def("linear_kernel", [] { return std::string(lenvm::linear_kernel_name()); },
+          "Kernel used by linear() in this process: 'avx2_fma' or 'scalar' (LENVM_RT_LINEAR_KERNEL=scalar forces it).");
+
+    using lenvm::GuidanceBatch;
+    py::class_<GuidanceBatch>(m, "GuidanceBatch",
+                              "Length-guided selection: a slot table of per-request state and one step() per decode\n"
+                              "step for the whole batch (rules: lenvm_rt/select_ref.py; contract: csrc/guidance.h).")
+        .def(py::init<std::int64_t, std::vector<std::int32_t>>(), py::arg("capacity"), py::arg("eos_ids"),
+             "capacity in [1, 2**24] slots; eos_ids: non-empty token ids >= 0 (eos_ids[0] is the forced EOS).")
+        .def("admit", &GuidanceBatch::admit, py::arg("slot"), py::arg("rule"), py::arg("target"), py::arg("max_new"),
+             py::arg("gamma"), py::arg("beta"), py::arg("seed"), py::arg("greedy"),
+             "Start a request in a free slot with t = 0: rule 1 equal, 2 at_most, 3 at_least, 4 tilt; target >= 1\n"
+             "(unused by tilt); max_new >= 1; 0 < gamma < 1; |beta| <= 1e30; seed in [0, 2**64).")
+        .def("retire", &GuidanceBatch::retire, py::arg("slot"), "Free an active slot.")
+        .def("step", &guidance_step, py::arg("rows").noconvert(), py::arg("cand_ids").noconvert(),
+             py::arg("cand_logp").noconvert(), py::arg("cand_z").noconvert(), py::arg("out_slot").noconvert(),
+             py::arg("out_token").noconvert(), py::arg("out_done").noconvert(),
+             "One decode step: rows int32[B] (distinct active slots), cand_ids int32[B, K] (-1 = empty, slot 0\n"
+             "filled), cand_logp / cand_z float32[B, K] -> out_slot int32[B] (-1 = forced EOS), out_token int32[B],\n"
+             "out_done uint8[B]; then t += 1 for every row. On error nothing is written or advanced. GIL released.")
+        .def("capacity", &GuidanceBatch::capacity, "Slots in the table.")
+        .def("active_count", &GuidanceBatch::active_count, "Admitted, not yet retired slots.")
+        .def("is_active", &GuidanceBatch::is_active, py::arg("slot"), "Whether the slot holds a request.")
+        .def("generated", &GuidanceBatch::generated, py::arg("slot"), "Tokens t an active slot has generated.")
+        .def("eos_ids", &GuidanceBatch::eos_ids, "The EOS token ids.");
 }

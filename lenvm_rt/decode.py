@@ -146,7 +146,7 @@ def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], sampli
     unguided = torch.tensor([g is None for g in guidances], device=dev)
     settings = CandidateSettings.of(samplings, eos_ids, dev)
     selector = make_selector([guidances[b] for b in guided], [samplings[b] for b in guided],
-                             chooser.seeds[guided], max_new_tokens, value.gamma, eos_ids) if guided else None
+                             chooser.seeds[guided], max_new_tokens, value.gamma, eos_ids, dev) if guided else None
     at_least = [(b, guidances[b].target) for b in guided if guidances[b].rule == AT_LEAST]
     rows = _Rows(B, max_new_tokens, eos_ids)
     eos_list = torch.tensor(sorted(eos_ids), device=dev)

@@ -102,7 +102,7 @@ class LengthGuidanceLogitsProcessor:
         self._settings = CandidateSettings.of([self.sampling] * B, self.eos, self.device)
         seeds = np.array([self.sampling.seed] * B, dtype=np.uint64)
         self._selector = make_selector([self.guidance] * B, [self.sampling] * B, seeds, self.max_new_tokens,
-                                       self.value.gamma, self.eos)
+                                       self.value.gamma, self.eos, self.device)
         self._step = 0
 
     def _commit_last(self, input_ids: torch.Tensor) -> None:

@@ -1,14 +1,19 @@
 """The step controller behind guided decoding: one call per step for all guided rows.
 
-    selector = make_selector(guidances, samplings, seeds, max_new_tokens, gamma, eos_ids)
+    selector = make_selector(guidances, samplings, seeds, max_new_tokens, gamma, eos_ids, device)
     slot, token = selector.step(cand_ids[G, K], cand_logp[G, K], cand_z[G, K])   # G guided rows
 
-Rows keep their state (tokens so far, RNG counter) inside the selector. `ReferenceSelector` runs
-the plain-Python rules of `select_ref` row by row: the specification, and the fallback.
+Rows keep their state (tokens so far, RNG counter) inside the selector. Three implementations make
+the same choices on the same inputs (the rules of `select_ref`):
+  NativeSelector     the C++ core's GuidanceBatch: CPU tensors, one call per step, GIL released
+  KernelSelector     the Triton `select` kernel: device tensors, no host sync in the step
+  ReferenceSelector  plain Python, row by row: the specification, used by tests
+Empty candidate slots arrive with logp = -inf and are passed on as id -1.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -17,6 +22,60 @@ from . import _native
 from .config import Sampling
 from .guidance import Guidance
 from .select_ref import GUIDANCE_STREAM, RowState, select_row
+
+
+class Selector(Protocol):
+    def step(self, cand_ids: torch.Tensor, cand_logp: torch.Tensor, cand_z: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def _marked(cand_ids: torch.Tensor, cand_logp: torch.Tensor) -> torch.Tensor:
+    """Candidate ids with empty slots (logp = -inf) set to -1, int32."""
+    return torch.where(torch.isfinite(cand_logp), cand_ids, -1).to(torch.int32)
+
+
+class NativeSelector:
+    def __init__(self, guidances: Sequence[Guidance], samplings: Sequence[Sampling], seeds: np.ndarray,
+                 max_new_tokens: int, gamma: float, eos_ids: frozenset[int]) -> None:
+        G = len(guidances)
+        self.batch = _native.GuidanceBatch(G, sorted(eos_ids))
+        for i, (g, s, seed) in enumerate(zip(guidances, samplings, seeds)):
+            self.batch.admit(i, rule=g.rule, target=g.target, max_new=max_new_tokens, gamma=gamma, beta=g.beta,
+                             seed=int(seed), greedy=s.greedy)
+        self.rows = np.arange(G, dtype=np.int32)
+        self.out_slot = np.empty(G, dtype=np.int32)
+        self.out_token = np.empty(G, dtype=np.int32)
+        self.out_done = np.empty(G, dtype=np.uint8)
+
+    def step(self, cand_ids: torch.Tensor, cand_logp: torch.Tensor, cand_z: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = _marked(cand_ids, cand_logp).numpy()
+        logp = cand_logp.to(torch.float32).contiguous().numpy()
+        z = cand_z.to(torch.float32).contiguous().numpy()
+        self.batch.step(self.rows, ids, logp, z, self.out_slot, self.out_token, self.out_done)
+        return torch.from_numpy(self.out_slot.astype(np.int64)), torch.from_numpy(self.out_token.astype(np.int64))
+
+
+class KernelSelector:
+    def __init__(self, guidances: Sequence[Guidance], samplings: Sequence[Sampling], seeds: np.ndarray,
+                 max_new_tokens: int, gamma: float, eos_ids: frozenset[int], device: torch.device) -> None:
+        from .kernels import GuidanceState
+
+        G = len(guidances)
+        self.state = GuidanceState.create(G, device)
+        for i, (g, s, seed) in enumerate(zip(guidances, samplings, seeds)):
+            self.state.admit(i, rule=g.rule, target=g.target, max_new=max_new_tokens, gamma=gamma, beta=g.beta,
+                             seed=int(seed), greedy=s.greedy)
+        self.rows = torch.arange(G, dtype=torch.int32, device=device)
+        self.eos = torch.tensor(sorted(eos_ids), dtype=torch.int32, device=device)
+
+    def step(self, cand_ids: torch.Tensor, cand_logp: torch.Tensor, cand_z: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        from .kernels import select
+
+        slot, token, _ = select(self.rows, _marked(cand_ids, cand_logp), cand_logp.float().contiguous(),
+                                cand_z.float().contiguous(), self.state, self.eos, backend="triton")
+        return slot.long(), token.long()
 
 
 class ReferenceSelector:
@@ -30,7 +89,7 @@ class ReferenceSelector:
 
     def step(self, cand_ids: torch.Tensor, cand_logp: torch.Tensor, cand_z: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.where(torch.isfinite(cand_logp), cand_ids, -1).to(torch.int32).cpu().numpy()
+        ids = _marked(cand_ids, cand_logp).cpu().numpy()
         logp, z = cand_logp.float().cpu().numpy(), cand_z.float().cpu().numpy()
         offsets = np.array([r.generated for r in self.rows], dtype=np.uint32)
         uniform = _native.philox_uniform(self.seeds, offsets, GUIDANCE_STREAM)
@@ -45,5 +104,9 @@ class ReferenceSelector:
 
 
 def make_selector(guidances: Sequence[Guidance], samplings: Sequence[Sampling], seeds: np.ndarray,
-                  max_new_tokens: int, gamma: float, eos_ids: frozenset[int]) -> ReferenceSelector:
-    return ReferenceSelector(guidances, samplings, seeds, max_new_tokens, gamma, eos_ids)
+                  max_new_tokens: int, gamma: float, eos_ids: frozenset[int],
+                  device: torch.device) -> Selector:
+    """The C++ controller for CPU tensors, the Triton kernel for CUDA tensors."""
+    if device.type == "cuda":
+        return KernelSelector(guidances, samplings, seeds, max_new_tokens, gamma, eos_ids, device)
+    return NativeSelector(guidances, samplings, seeds, max_new_tokens, gamma, eos_ids)

@@ -136,3 +136,26 @@ def test_guidance_needs_a_value_model(rt):
 def test_bad_length_targets(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("kind", ["kernel", "reference"])
+def test_every_selector_makes_the_same_choices(rt, kind, kernel_device, monkeypatch):
+    """The C++ controller (default on CPU), the Triton select kernel and the Python reference."""
+    import lenvm_rt.decode as decode_module
+    from lenvm_rt.selector import KernelSelector, ReferenceSelector
+
+    prompts = [[5, 17, 42], [9, 8, 7, 6], [100, 101]]
+    lengths = [LengthTarget.equal(6), LengthTarget.at_most(5), None]
+    tilts = [None, None, -2.0]
+    samplings = [GUIDED, Sampling(temperature=0.8, top_k=10, seed=4), Sampling(temperature=1.0, top_k=12, seed=6)]
+    native = rt.generate_batch(prompts, max_new_tokens=10, sampling=samplings, length=lengths, tilt=tilts)
+
+    def other(guidances, samplings_, seeds, max_new, gamma, eos, device):
+        if kind == "kernel":
+            return KernelSelector(guidances, samplings_, seeds, max_new, gamma, eos, torch.device(kernel_device))
+        return ReferenceSelector(guidances, samplings_, seeds, max_new, gamma, eos)
+
+    monkeypatch.setattr(decode_module, "make_selector", other)
+    again = rt.generate_batch(prompts, max_new_tokens=10, sampling=samplings, length=lengths, tilt=tilts)
+    assert [g.token_ids for g in again] == [g.token_ids for g in native]

@@ -1,0 +1,73 @@
+"""CPU fp32 operators on torch tensors, backed by the native core (`lenvm_rt._native`).
+
+Contract:
+    linear(x: float32[..., K], weight: float32[N, K], bias: float32[N] | None = None) -> float32[..., N]
+        x @ weight.T + bias, like torch.nn.functional.linear, for contiguous fp32 CPU tensors. out[..., n] depends
+        only on that row of x, weight[n], bias[n] and K: a row gives bit-identical results whatever the batch
+        and thread count. The tensors are viewed as numpy arrays (no copy; read-only memory-mapped weights
+        are fine); the result is a new tensor. No autograd: inputs that require grad are refused while grad
+        mode is on and detached otherwise. Bad inputs raise ValueError naming the argument.
+    set_num_threads(n) / get_num_threads(): threads of the native pool, calling thread included.
+
+The fast path converts and calls without checks (~100 calls per decode step); only when the core refuses
+an input does `_diagnose` look at the tensors to name the argument.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import _native
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias for contiguous fp32 CPU tensors: x [..., K], weight [N, K], bias [N] -> [..., N]."""
+    try:
+        x_array = x.numpy()
+        weight_array = weight.numpy()
+        bias_array = None if bias is None else bias.numpy()
+        out = np.empty(x_array.shape[:-1] + weight_array.shape[:1], dtype=np.float32)
+        if x_array.ndim == 2 or not x_array.flags.c_contiguous:  # a non-contiguous x is refused by the core
+            _native.linear(x_array, weight_array, bias_array, out)
+        else:
+            rows = x_array.reshape(-1, x_array.shape[-1])
+            _native.linear(rows, weight_array, bias_array, out.reshape(rows.shape[0], -1))
+    except (TypeError, RuntimeError, ValueError, IndexError, AttributeError):
+        tensors = (x, weight, bias)
+        if not torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+            return linear(*(t.detach() if isinstance(t, torch.Tensor) else t for t in tensors))
+        _diagnose(x, weight, bias)
+        raise
+    return torch.from_numpy(out)
+
+
+def _diagnose(x: object, weight: object, bias: object) -> None:
+    """Raise ValueError naming the first argument that `linear` cannot take as it is; else return."""
+    for name, value, ndim in (("x", x, None), ("weight", weight, 2), ("bias", bias, 1)):
+        if value is None and name == "bias":
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+        if value.device.type != "cpu":
+            raise ValueError(f"{name}: expected a CPU tensor, got a tensor on {value.device}")
+        if value.dtype != torch.float32:
+            raise ValueError(f"{name}: expected a torch.float32 tensor, got {value.dtype}")
+        if not value.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor, got strides {tuple(value.stride())}")
+        if value.requires_grad:
+            raise ValueError(f"{name}: expected a tensor that does not require grad (linear has no autograd)")
+        if ndim is not None and value.dim() != ndim:
+            raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(value.shape)}")
+        if ndim is None and value.dim() == 0:
+            raise ValueError(f"{name}: expected a tensor of shape [..., K], got a 0-D tensor")
+
+
+def set_num_threads(n: int) -> None:
+    """Use `n` threads (calling thread included) in native CPU operators; n in [1, 1024]."""
+    _native.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """Threads (calling thread included) that native CPU operators use."""
+    return _native.get_num_threads()

@@ -1,0 +1,158 @@
+"""Shared drivers of the guided-selection tests: one request set in the C++ core, the specification
+(`select_ref.select_row`) and the `kernels.select` backends, random cases, and the decision-margin check.
+
+Exactness. Every implementation computes in float32, but exp and log1p differ by an ulp or two between numpy (the
+specification), glibc (C++), torch and the GPU. So differential tests compare exactly every row whose decision
+margin is wider than a float64 error bound (`decision_is_robust`); for the rest they only check that the choice
+is valid.
+Exact ties (identical inputs) are robust: every implementation sends them to the lower slot.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from lenvm_rt import _native
+from lenvm_rt.kernels import GuidanceState, select
+from lenvm_rt.select_ref import AT_LEAST, AT_MOST, EQUAL, TILT, RowState, select_row
+
+EOS = [2, 7]
+CAPACITY = 12
+EPS = 2.0**-23  # float32 ulp at 1
+GAMMAS = (0.5, 0.9, 0.997)
+
+
+def uniform(seed: int, t: int) -> float:
+    return float(_native.philox_uniform(np.array([seed], np.uint64), np.array([t], np.uint32), stream=1)[0])
+
+
+def admit_all(settings_by_slot: dict[int, dict], devices: dict[str, str] | None = None):
+    """The same requests in a C++ batch, a reference state table and one device state table per `select` backend."""
+    batch = _native.GuidanceBatch(CAPACITY, EOS)
+    ref = {}
+    states = {backend: GuidanceState.create(CAPACITY, device) for backend, device in (devices or {}).items()}
+    for slot, s in settings_by_slot.items():
+        batch.admit(slot, **s)
+        ref[slot] = RowState(s["rule"], s["target"], 0, s["max_new"], s["gamma"], s["beta"], s["seed"], s["greedy"])
+        for state in states.values():
+            state.admit(slot, **s)
+    return batch, ref, states
+
+
+def select_step(state: GuidanceState, backend: str, rows, ids, logp, z):
+    """`kernels.select` on the state's device, outputs as numpy arrays."""
+    device = state.rule.device
+    eos = torch.tensor(EOS, dtype=torch.int32, device=device)
+    args = (torch.from_numpy(a).to(device) for a in (rows, ids, logp, z))
+    return tuple(x.cpu().numpy() for x in select(*args, state, eos, backend=backend))
+
+
+def core_step(batch, rows, ids, logp, z):
+    out = np.full(len(rows), 99, np.int32), np.full(len(rows), 99, np.int32), np.full(len(rows), 9, np.uint8)
+    batch.step(rows, ids, logp, z, *out)
+    return out[0], out[1], out[2].astype(bool)
+
+
+def ref_step(ref, rows, ids, logp, z):
+    choices = []
+    for b, slot in enumerate(rows):
+        s = ref[int(slot)]
+        choices.append(select_row(ids[b], logp[b], z[b], s, EOS, uniform(s.seed, s.generated)))
+    return choices
+
+
+def decision_is_robust(ids, logp, z, s: RowState, u_draw: float) -> bool:
+    """True when a few-ulp error in any float32 score cannot change this row's choice (float64 bounds).
+
+    A score's tolerance is 0 where every implementation computes it exactly (EOS, u = 0 at z = -inf, l̂ = inf at
+    z = inf, w = logp at β·u = 0); candidates with identical inputs score identically everywhere.
+    """
+    n = int((ids >= 0).sum())
+    ids, logp, z = ids[:n], logp[:n].astype(np.float64), z[:n].astype(np.float64)
+    eos = np.isin(ids, EOS)
+    u = np.where(eos, 0.0, 1.0 / (1.0 + np.exp(-z)))
+    remaining = np.where(eos, 0.0, np.logaddexp(0.0, z) / -math.log(s.gamma))
+    keys = list(zip(eos.tolist(), z.tolist(), (logp if s.rule == TILT else 0 * logp).tolist()))
+    t, T = s.generated, s.target
+
+    def separated(score, tol, best) -> bool:
+        return all(keys[j] == keys[best] or tol[j] + tol[best] == 0 or abs(score[j] - score[best]) > tol[j] + tol[best]
+                   for j in range(n))
+
+    tol_u = np.where(u > 0, 16 * EPS * u + 1e-37, 0.0)  # 1e-37: exp near overflow (z ≈ -88.7) may round to inf
+    if s.rule == EQUAL:
+        rho = max(T - t - 1, 0)
+        score = np.abs(remaining - rho)
+        tol = np.where((remaining == 0) | np.isinf(score), 0.0, 16 * EPS * remaining + EPS * score)
+        return separated(score, tol, int(np.argmin(score)))
+    if s.rule == AT_MOST:
+        return t + 1 >= T or separated(u, tol_u, int(np.argmin(u)))
+    if s.rule == AT_LEAST:
+        score = u if t + 1 >= T or eos.all() else np.where(eos, -1.0, u)
+        return separated(score, tol_u, int(np.argmin(score) if t + 1 >= T else np.argmax(score)))
+    tilt = float(np.float32(s.beta)) * u
+    w = logp + tilt
+    tol_w = np.where(tilt == 0, 0.0, 16 * EPS * (np.abs(tilt) + np.abs(w)) + abs(s.beta) * tol_u)
+    if s.greedy:
+        return separated(w, tol_w, int(np.argmax(w)))
+    top = int(np.argmax(w))
+    p = np.exp(w - w[top])
+    err_p = p * (tol_w + tol_w[top] + 16 * EPS * (1 + np.abs(w - w[top]))) + 1e-37
+    cdf, err_cdf = np.cumsum(p), np.cumsum(err_p) + n * EPS * np.cumsum(p)
+    r = u_draw * cdf[-1]
+    return bool(np.all(np.abs(cdf - r) > err_cdf + u_draw * err_cdf[-1] + EPS * r))
+
+
+def check_valid(slot: int, token: int, done: bool, ids_row: np.ndarray) -> None:
+    n = int((ids_row >= 0).sum())
+    assert -1 <= slot < n
+    assert token == (EOS[0] if slot < 0 else ids_row[slot])
+    if token in EOS:
+        assert done
+
+
+
+
+def random_settings(rng: np.random.Generator) -> dict:
+    return dict(rule=int(rng.integers(1, 5)), target=int(rng.integers(1, 7)), max_new=int(rng.integers(1, 9)),
+                gamma=float(rng.choice(GAMMAS)), beta=float(rng.choice([0.0, rng.normal(0, 5), -1000.0])),
+                seed=int(rng.integers(0, 2**64, dtype=np.uint64)), greedy=bool(rng.integers(0, 2)))
+
+
+def random_candidates(rng: np.random.Generator, batch: int, k: int):
+    ids = rng.integers(0, 40, (batch, k)).astype(np.int32)
+    ids[rng.random((batch, k)) < 0.25] = rng.choice(EOS)
+    for b, n in enumerate(rng.integers(1, k + 1, batch)):
+        ids[b, n:] = -1
+    logp = (-rng.exponential(2.0, (batch, k))).astype(np.float32)
+    z = (rng.normal(0.0, 1.0, (batch, k)) * rng.choice([1.0, 4.0, 12.0], (batch, 1))).astype(np.float32)
+    return ids, logp, z
+
+
+def run_differential(rng: np.random.Generator, steps: int, max_b: int, max_k: int, devices: dict[str, str]) -> tuple:
+    batch_size, k = int(rng.integers(1, max_b + 1)), int(rng.integers(1, max_k + 1))
+    rows = rng.choice(CAPACITY, batch_size, replace=False).astype(np.int32)
+    batch, ref, states = admit_all({int(s): random_settings(rng) for s in rows}, devices)
+    compared = total = 0
+    for _ in range(steps):
+        ids, logp, z = random_candidates(rng, batch_size, k)
+        outputs = [core_step(batch, rows, ids, logp, z)]
+        outputs += [select_step(state, backend, rows, ids, logp, z) for backend, state in states.items()]
+        for b, choice in enumerate(ref_step(ref, rows, ids, logp, z)):
+            s = ref[int(rows[b])]
+            total += 1
+            robust = decision_is_robust(ids[b], logp[b], z[b], s, uniform(s.seed, s.generated))
+            compared += robust
+            for slot, token, done in outputs:
+                check_valid(int(slot[b]), int(token[b]), bool(done[b]), ids[b])
+                if robust:
+                    assert (int(slot[b]), int(token[b]), bool(done[b])) == (choice.slot, choice.token, choice.done), (
+                        f"row {b}: {s}, ids {ids[b]}, logp {logp[b]}, z {z[b]}")
+            s.generated += 1
+        for slot, s in ref.items():
+            assert batch.generated(slot) == s.generated
+            assert all(int(state.generated[slot]) == s.generated for state in states.values())
+    return compared, total
