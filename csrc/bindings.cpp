@@ -15,6 +15,11 @@
 // linear_kernel() -> str
 //   "avx2_fma" or "scalar": the kernel linear() uses in this process.
 //
+// value_of_length / logit_of_length / remaining_from_logit / remaining_from_value(x: float64[N], gamma, out: float64[N])
+// td_residual(u_prev: float64[N], u_next: float64[N], gamma, out: float64[N]); gamma_from_lengths(lengths, q, mass)
+//   The double-precision value math of csrc/value_math.h, elementwise; γ outside (0, 1) or a negative length
+//   raises ValueError.
+//
 // GuidanceBatch(capacity: int, eos_ids: list[int])   (lenvm::GuidanceBatch, csrc/guidance.h)
 //   admit / retire / capacity / active_count / is_active / generated / eos_ids: slot-table bookkeeping.
 //   step(rows: int32[B], cand_ids: int32[B, K], cand_logp: float32[B, K], cand_z: float32[B, K],
@@ -36,6 +41,7 @@
 #include "linear.h"
 #include "rng.h"
 #include "thread_pool.h"
+#include "value_math.h"
 
 namespace py = pybind11;
 
@@ -174,6 +180,31 @@ void guidance_step(lenvm::GuidanceBatch& batch, const CArray<std::int32_t>& rows
     without_gil([&] { batch.step(args); });
 }
 
+// Elementwise value math over a float64 array: checks, then `fn(x, gamma)` for every element.
+template <double (*Fn)(double, double), bool Lengths>
+void value_math_map(const CArray<double>& x, double gamma, CArray<double>& out) {
+    lenvm::math64::check_gamma(gamma);
+    lenvm::check(x.ndim() == 1 && out.ndim() == 1 && x.shape(0) == out.shape(0), "out",
+                 "a 1-D array as long as the input", out.ndim() == 1 ? out.shape(0) : -1);
+    const double* in = x.data();
+    double* dst = out.mutable_data();
+    const auto n = x.shape(0);
+    for (py::ssize_t i = 0; i < n; ++i) {
+        if (Lengths) lenvm::math64::check_length(in[i]);
+        dst[i] = Fn(in[i], gamma);
+    }
+}
+
+void td_residual_map(const CArray<double>& u_prev, const CArray<double>& u_next, double gamma, CArray<double>& out) {
+    lenvm::math64::check_gamma(gamma);
+    lenvm::check(u_prev.ndim() == 1 && u_next.ndim() == 1 && u_prev.shape(0) == u_next.shape(0), "u_next",
+                 "a 1-D array as long as u_prev", u_next.ndim() == 1 ? u_next.shape(0) : -1);
+    lenvm::check(out.ndim() == 1 && out.shape(0) == u_prev.shape(0), "out", "a 1-D array as long as u_prev",
+                 out.ndim() == 1 ? out.shape(0) : -1);
+    for (py::ssize_t i = 0; i < u_prev.shape(0); ++i)
+        out.mutable_data()[i] = lenvm::math64::td_residual(u_prev.data()[i], u_next.data()[i], gamma);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -195,6 +226,20 @@ PYBIND11_MODULE(_core, m) {
           "Thread count of the default pool: set_num_threads, else LENVM_RT_NUM_THREADS, else min(cores, 8).");
     m.def("linear_kernel", [] { return std::string(lenvm::linear_kernel_name()); },
           "Kernel used by linear() in this process: 'avx2_fma' or 'scalar' (LENVM_RT_LINEAR_KERNEL=scalar forces it).");
+
+    namespace vm = lenvm::math64;
+    m.def("value_of_length", &value_math_map<vm::value_of_length, true>, py::arg("lengths").noconvert(),
+          py::arg("gamma"), py::arg("out").noconvert(), "out = 1 - gamma**lengths (float64).");
+    m.def("logit_of_length", &value_math_map<vm::logit_of_length, true>, py::arg("lengths").noconvert(),
+          py::arg("gamma"), py::arg("out").noconvert(), "out = ln((1 - gamma**l) / gamma**l) (float64).");
+    m.def("remaining_from_logit", &value_math_map<vm::remaining_from_logit, false>, py::arg("z").noconvert(),
+          py::arg("gamma"), py::arg("out").noconvert(), "out = softplus(z) / -ln(gamma) (float64).");
+    m.def("remaining_from_value", &value_math_map<vm::remaining_from_value, false>, py::arg("u").noconvert(),
+          py::arg("gamma"), py::arg("out").noconvert(), "out = ln(1 - u) / ln(gamma) (float64).");
+    m.def("td_residual", &td_residual_map, py::arg("u_prev").noconvert(), py::arg("u_next").noconvert(),
+          py::arg("gamma"), py::arg("out").noconvert(), "out = gamma * u_next - u_prev + (1 - gamma) (float64).");
+    m.def("gamma_from_lengths", &vm::gamma_from_lengths, py::arg("lengths"), py::arg("quantile"), py::arg("mass"),
+          "(1 - mass) ** (1 / L_q), L_q the quantile of the lengths (numpy's linear interpolation).");
 
     using lenvm::GuidanceBatch;
     py::class_<GuidanceBatch>(m, "GuidanceBatch",

@@ -190,3 +190,44 @@ class GuidanceBatch:
 
     def active_count(self) -> int:
         return self._core.active_count()
+
+
+def _map64(fn, x: npt.ArrayLike, gamma: float) -> npt.NDArray[np.float64]:
+    arr = np.ascontiguousarray(x, dtype=np.float64).reshape(-1)
+    out = np.empty_like(arr)
+    fn(arr, float(gamma), out)
+    return out
+
+
+def value_of_length(lengths: npt.ArrayLike, gamma: float) -> npt.NDArray[np.float64]:
+    """C++ mirror of value_math.value_of_length, elementwise over float64."""
+    return _map64(_core.value_of_length, lengths, gamma)
+
+
+def logit_of_length(lengths: npt.ArrayLike, gamma: float) -> npt.NDArray[np.float64]:
+    """C++ mirror of value_math.logit_of_length."""
+    return _map64(_core.logit_of_length, lengths, gamma)
+
+
+def remaining_from_logit(z: npt.ArrayLike, gamma: float) -> npt.NDArray[np.float64]:
+    """C++ mirror of value_math.remaining_from_logit."""
+    return _map64(_core.remaining_from_logit, z, gamma)
+
+
+def remaining_from_value(u: npt.ArrayLike, gamma: float) -> npt.NDArray[np.float64]:
+    """C++ mirror of value_math.remaining_from_value."""
+    return _map64(_core.remaining_from_value, u, gamma)
+
+
+def td_residual(u_prev: npt.ArrayLike, u_next: npt.ArrayLike, gamma: float) -> npt.NDArray[np.float64]:
+    """C++ mirror of value_math.td_residual."""
+    a = np.ascontiguousarray(u_prev, dtype=np.float64).reshape(-1)
+    b = np.ascontiguousarray(u_next, dtype=np.float64).reshape(-1)
+    out = np.empty_like(a)
+    _core.td_residual(a, b, float(gamma), out)
+    return out
+
+
+def gamma_from_lengths(lengths: npt.ArrayLike, quantile: float = 0.99, mass: float = 0.99) -> float:
+    """C++ mirror of value_math.gamma_from_lengths."""
+    return _core.gamma_from_lengths([float(v) for v in np.asarray(lengths).reshape(-1)], float(quantile), float(mass))

@@ -111,3 +111,49 @@ def test_negative_length_and_bad_value_are_refused():
         value_of_length(-1, 0.99)
     with pytest.raises(ValueError, match="value must lie in"):
         remaining_from_value(1.0, 0.99)
+
+
+# ---- the C++ mirror ---------------------------------------------------------------------------------
+@given(st.lists(st.floats(min_value=0, max_value=20_000), min_size=1, max_size=20), gammas)
+def test_cpp_value_and_logit_of_length_agree_with_python(ls, gamma):
+    from lenvm_rt import _native
+
+    arr = np.array(ls)
+    assert np.allclose(_native.value_of_length(arr, gamma), value_of_length(arr, gamma), rtol=1e-13, atol=0)
+    pos = arr[arr > 1e-6]  # below that the horizon underflows to z = -inf in both
+    if pos.size:
+        assert np.allclose(_native.logit_of_length(pos, gamma), logit_of_length(pos, gamma), rtol=1e-12, atol=1e-12)
+
+
+@given(st.lists(st.floats(min_value=-80, max_value=80), min_size=1, max_size=20), gammas)
+def test_cpp_inverses_and_td_agree_with_python(zs, gamma):
+    from lenvm_rt import _native
+
+    z = np.array(zs)
+    assert np.allclose(_native.remaining_from_logit(z, gamma), remaining_from_logit(z, gamma), rtol=1e-12)
+    u = 1 / (1 + np.exp(-z))
+    u = u[u < 1]
+    if u.size:
+        assert np.allclose(_native.remaining_from_value(u, gamma), remaining_from_value(u, gamma), rtol=1e-12)
+        assert np.allclose(_native.td_residual(u, u[::-1], gamma), td_residual(u, u[::-1], gamma), rtol=0, atol=1e-15)
+
+
+@given(st.lists(st.integers(min_value=1, max_value=10_000), min_size=1, max_size=200))
+def test_cpp_gamma_from_lengths_agrees_with_python(lengths):
+    from lenvm_rt import _native
+
+    assert _native.gamma_from_lengths(lengths) == pytest.approx(gamma_from_lengths(lengths), rel=1e-13)
+
+
+def test_cpp_value_math_rejects_bad_input():
+    from lenvm_rt import _native
+
+    with pytest.raises(ValueError, match="gamma: expected a number in \\(0, 1\\)"):
+        _native.value_of_length([1.0], 1.0)
+    with pytest.raises(ValueError, match="length: expected >= 0"):
+        _native.value_of_length([-1.0], 0.9)
+    with pytest.raises(ValueError, match="lengths: expected at least one"):
+        _native.gamma_from_lengths([])
+    with pytest.raises(ValueError, match="u_next: expected a 1-D array as long as u_prev"):
+        _native.td_residual([0.1, 0.2], [0.1], 0.9)
+    assert _native.value_of_length([0.0], 0.9)[0] == 0.0  # still usable
