@@ -31,8 +31,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import cpu_ops
 from .config import ModelConfig, RopeConfig
 from .weights import LayerWeights, ModelWeights
+
+NATIVE_MAX_ROWS = 64  # rows per call up to which the C++ skinny GEMM beats torch on CPU
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -67,6 +70,7 @@ class CausalLM:
         self.device = weights.embed.device
         self.dtype = weights.final_norm.dtype
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self._native_linear = self.device.type == "cpu" and self.dtype == torch.float32
         self.k_cache: list[torch.Tensor] = []  # per layer [Bcap, Hkv, C, Dh]
         self.v_cache: list[torch.Tensor] = []
         self.capacity = 0
@@ -96,6 +100,15 @@ class CausalLM:
         return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
 
     # ---- forward pieces -------------------------------------------------------------------------
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ weight.T + bias. Decode-sized CPU fp32 calls go to the C++ core's skinny GEMM, which reads
+        each weight row once for all rows of x at up to ~2.7x torch's GEMV bandwidth on 2 cores
+        (benchmarks/results/bench_linear.json) and gives every row the same bits whatever the batch;
+        larger calls (prefill) stay with torch's GEMM."""
+        if self._native_linear and x.numel() <= NATIVE_MAX_ROWS * x.shape[-1]:
+            return cpu_ops.linear(x.contiguous(), weight, bias)
+        return F.linear(x, weight, bias)
+
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.cfg.rms_norm_eps).to(x.dtype) * weight
 
@@ -103,7 +116,7 @@ class CausalLM:
         """x[B, S, D] -> q[B, H, S, Dh], k, v[B, Hkv, S, Dh], RoPE applied to q and k."""
         cfg = self.cfg
         B, S, _ = x.shape
-        qkv = F.linear(self._norm(x, layer.input_norm), layer.qkv, layer.qkv_bias)
+        qkv = self._linear(self._norm(x, layer.input_norm), layer.qkv, layer.qkv_bias)
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
         q = q.view(B, S, cfg.num_heads, cfg.head_dim)
@@ -118,9 +131,9 @@ class CausalLM:
         return q, k, v
 
     def _mlp_residual(self, layer: LayerWeights, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        x = x + F.linear(attn, layer.o, layer.o_bias)
-        gate, up = F.linear(self._norm(x, layer.post_norm), layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+        x = x + self._linear(attn, layer.o, layer.o_bias)
+        gate, up = self._linear(self._norm(x, layer.post_norm), layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+        return x + self._linear(F.silu(gate) * up, layer.down, layer.down_bias)
 
     def normed(self, x: torch.Tensor) -> torch.Tensor:
         """The final RMSNorm: last hidden states [..., D] -> the tensor the LM head consumes."""
@@ -128,7 +141,7 @@ class CausalLM:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Last hidden states [..., D] (before the final norm) -> fp32 logits [..., V]."""
-        return F.linear(self.normed(x), self.w.lm_head).float()
+        return self._linear(self.normed(x), self.w.lm_head).float()
 
     # ---- prefill ----------------------------------------------------------------------------
     def prefill(self, ids: torch.Tensor, lengths: list[int], *, all_positions: bool = False) -> torch.Tensor:
