@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 from checkpoints import make_checkpoint
+from subproc import run_python
 
 from lenvm_rt.cli import main
 
@@ -51,7 +50,7 @@ def test_import_needs_neither_triton_nor_a_gpu():
     code = ("import sys, lenvm_rt; "
             "assert 'triton' not in sys.modules, 'triton imported eagerly'; "
             "import torch; assert not torch.cuda.is_initialized(); print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = run_python(code, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import itertools
 import mmap
 import os
-import subprocess
-import sys
 import textwrap
 import threading
 import warnings
@@ -23,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from subproc import run_python
 
 from lenvm_rt import _core, _native, cpu_ops
 
@@ -238,13 +237,7 @@ def test_concurrent_calls_from_python_threads() -> None:
 
 
 def _run_python(code: str, env: dict[str, str] | None = None, timeout: float = 120) -> str:
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
+    result = run_python(textwrap.dedent(code), timeout=timeout, env={**os.environ, **(env or {})})
     assert result.returncode == 0, result.stderr
     return result.stdout
 

@@ -8,14 +8,13 @@ output word 0 folded like Triton's uint_to_uniform_float and rounded to float32.
 from __future__ import annotations
 
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from subproc import run_python
 
 from lenvm_rt import _core, _native, kernels
 
@@ -207,5 +206,5 @@ def test_kernels_import_without_triton() -> None:
         "else:\n"
         "    raise AssertionError('no RuntimeError')\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    result = run_python(script, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -8,14 +8,13 @@ sets after dropping ids whose fp32 logit is within TIE_TOL of the k-th largest.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from subproc import run_python
 
 from lenvm_rt.kernels import FusedHeads, fused_heads, value_head
 from lenvm_rt.kernels.fused_heads import fused_heads_ref
@@ -193,7 +192,7 @@ def test_kernels_import_and_fall_back_without_triton():
         "else:\n"
         "    raise AssertionError('backend=triton ran without triton')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = run_python(code, timeout=120)
     assert result.returncode == 0, result.stderr
 
 
