@@ -114,8 +114,10 @@ def main() -> None:
         "warmup": args.warmup,
         "results": {},
     }
-    print(f"{report['cpu_model']} | torch {torch.__version__} | threads {args.threads} | "
-          f"kernel {report['kernel']} | {len(weights)} matrices, {weight_bytes / 1e6:.0f} MB per pass")
+    print(
+        f"{report['cpu_model']} | torch {torch.__version__} | threads {args.threads} | "
+        f"kernel {report['kernel']} | {len(weights)} matrices, {weight_bytes / 1e6:.0f} MB per pass"
+    )
     print(f"{'M':>3} {'impl':>6} {'median ms':>10} {'p90 ms':>8} {'min ms':>8} {'GB/s':>6} {'torch/ours':>10}")
     with torch.inference_mode():
         for rows in args.rows:
@@ -124,8 +126,10 @@ def main() -> None:
             for name in ("torch", "ours"):
                 s = result[name]
                 ratio = f"{result['speedup_torch_over_ours']:10.2f}" if name == "ours" else ""
-                print(f"{rows:>3} {name:>6} {s['median_ms']:10.2f} {s['p90_ms']:8.2f} {s['min_ms']:8.2f} "
-                      f"{s['gb_per_s']:6.1f} {ratio}")
+                print(
+                    f"{rows:>3} {name:>6} {s['median_ms']:10.2f} {s['p90_ms']:8.2f} {s['min_ms']:8.2f} "
+                    f"{s['gb_per_s']:6.1f} {ratio}"
+                )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

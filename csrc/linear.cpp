@@ -29,12 +29,16 @@ namespace lenvm {
 namespace {
 
 constexpr std::int64_t kLanes = 8;
-constexpr int kDecodeRows = 4;  // w rows per micro-tile when m == 1
+constexpr int kDecodeRows = 8;  // w rows per micro-tile when m == 1
 constexpr int kGemmRows = 4;    // x rows per micro-tile when m > 1
 constexpr int kGemmCols = 3;    // w rows per micro-tile when m > 1
-// Task size in "cost units" (about one unit per weight byte streamed at m == 1); below kSerialMacs
-// multiply-adds the call runs on the calling thread only.
-constexpr std::int64_t kTaskCost = 32 * 1024;
+// Task sizing. The cost of one w row is about k * max(m, 4) units: one unit is ~one weight byte streamed
+// (m <= 4 is bound by memory bandwidth) or ~one multiply-add (larger m is bound by arithmetic), which take
+// similar time on a core. A task is about kTaskCost units, but small matrices are still cut into at least
+// kMinTasksPerThread tasks per thread so that the threads finish together. Below kSerialMacs multiply-adds
+// the call runs on the calling thread only.
+constexpr std::int64_t kTaskCost = 128 * 1024;
+constexpr std::int64_t kMinTasksPerThread = 8;
 constexpr std::int64_t kSerialMacs = 32 * 1024;
 
 using BlockFn = void (*)(const float* x, const float* w, const float* bias, float* out, std::int64_t m,
@@ -81,10 +85,13 @@ LENVM_AVX2_FMA inline float fold_lanes_avx2(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(quads, _mm_shuffle_ps(quads, quads, 1)));
 }
 
-// out[i * n + j] for i < MR, j < NR from x rows x + i * k and w rows w + j * k.
-template <int MR, int NR>
+// out[i * n + j] for i < MR, j < NR from x rows x + i * k and w rows w + j * k. With kPrefetch and a non-null
+// `prefetch_w`, the NR rows starting there are prefetched into L1 alongside: the next group of w rows, which
+// the hardware prefetcher brings in too late at m > 1, where each group is used for longer. (At m == 1 the
+// hardware prefetcher keeps up, and without the prefetch code the w loads fold into the multiply-adds.)
+template <int MR, int NR, bool kPrefetch>
 LENVM_AVX2_FMA void tile_avx2(const float* x, const float* w, const float* bias, float* out, std::int64_t n,
-                              std::int64_t k) {
+                              std::int64_t k, const float* prefetch_w) {
     __m256 acc[MR][NR];
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
@@ -96,6 +103,12 @@ LENVM_AVX2_FMA void tile_avx2(const float* x, const float* w, const float* bias,
         __m256 wv[NR];
 #pragma GCC unroll 16
         for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(w + j * k + kk);
+        if (kPrefetch && prefetch_w != nullptr) {
+#pragma GCC unroll 16
+            for (int j = 0; j < NR; ++j) {
+                _mm_prefetch(reinterpret_cast<const char*>(prefetch_w + j * k + kk), _MM_HINT_T0);
+            }
+        }
 #pragma GCC unroll 16
         for (int i = 0; i < MR; ++i) {
             const __m256 xv = _mm256_loadu_ps(x + i * k + kk);
@@ -127,20 +140,21 @@ LENVM_AVX2_FMA void tile_avx2(const float* x, const float* w, const float* bias,
 }
 
 using TileFn = void (*)(const float* x, const float* w, const float* bias, float* out, std::int64_t n,
-                        std::int64_t k);
+                        std::int64_t k, const float* prefetch_w);
 
-template <int MR, std::size_t... J>
+template <int MR, bool kPrefetch, std::size_t... J>
 constexpr std::array<TileFn, sizeof...(J)> tile_row(std::index_sequence<J...>) {
-    return {{&tile_avx2<MR, static_cast<int>(J) + 1>...}};
+    return {{&tile_avx2<MR, static_cast<int>(J) + 1, kPrefetch>...}};
 }
 
 template <std::size_t... I>
 constexpr std::array<std::array<TileFn, kGemmCols>, sizeof...(I)> gemm_tiles(std::index_sequence<I...>) {
-    return {{tile_row<static_cast<int>(I) + 1>(std::make_index_sequence<kGemmCols>{})...}};
+    return {{tile_row<static_cast<int>(I) + 1, true>(std::make_index_sequence<kGemmCols>{})...}};
 }
 
-// kDecodeTiles[r - 1]: 1 x row, r w rows.  kGemmTiles[r - 1][c - 1]: r x rows, c w rows.
-constexpr std::array<TileFn, kDecodeRows> kDecodeTiles = tile_row<1>(std::make_index_sequence<kDecodeRows>{});
+// kDecodeTiles[c - 1]: 1 x row, c w rows.  kGemmTiles[r - 1][c - 1]: r x rows, c w rows.
+constexpr std::array<TileFn, kDecodeRows> kDecodeTiles =
+    tile_row<1, false>(std::make_index_sequence<kDecodeRows>{});
 constexpr std::array<std::array<TileFn, kGemmCols>, kGemmRows> kGemmTiles =
     gemm_tiles(std::make_index_sequence<kGemmRows>{});
 
@@ -149,16 +163,18 @@ void block_avx2(const float* x, const float* w, const float* bias, float* out, s
     const auto bias_at = [bias](std::int64_t j) { return bias != nullptr ? bias + j : nullptr; };
     if (m == 1) {
         for (std::int64_t j = row_begin; j < row_end; j += kDecodeRows) {
-            const std::int64_t cols = std::min<std::int64_t>(kDecodeRows, row_end - j);
-            kDecodeTiles[cols - 1](x, w + j * k, bias_at(j), out + j, n, k);
+            const auto cols = static_cast<std::size_t>(std::min<std::int64_t>(kDecodeRows, row_end - j));
+            kDecodeTiles[cols - 1](x, w + j * k, bias_at(j), out + j, n, k, nullptr);
         }
         return;
     }
     for (std::int64_t j = row_begin; j < row_end; j += kGemmCols) {
-        const std::int64_t cols = std::min<std::int64_t>(kGemmCols, row_end - j);
+        const auto cols = static_cast<std::size_t>(std::min<std::int64_t>(kGemmCols, row_end - j));
+        const float* next_group = j + 2 * kGemmCols <= row_end ? w + (j + kGemmCols) * k : nullptr;
         for (std::int64_t i = 0; i < m; i += kGemmRows) {
-            const std::int64_t rows = std::min<std::int64_t>(kGemmRows, m - i);
-            kGemmTiles[rows - 1][cols - 1](x + i * k, w + j * k, bias_at(j), out + i * n + j, n, k);
+            const auto rows = static_cast<std::size_t>(std::min<std::int64_t>(kGemmRows, m - i));
+            kGemmTiles[rows - 1][cols - 1](x + i * k, w + j * k, bias_at(j), out + i * n + j, n, k,
+                                           i == 0 ? next_group : nullptr);
         }
     }
 }
@@ -206,11 +222,13 @@ void linear(const float* x, const float* w, const float* bias, float* out, std::
     if (m <= 0 || n <= 0) return;
     const Kernel& kern = kernel();
     const std::int64_t tile = m == 1 ? kern.tile_rows_m1 : kern.tile_rows;
-    // Cost of one w row: ~4k for streaming it plus ~k per x row for the multiply-adds.
-    const std::int64_t row_cost = std::max<std::int64_t>(k, 1) * (m + 3);
-    const std::int64_t rows_per_task = ceil_div(std::max<std::int64_t>(kTaskCost / row_cost, 1), tile) * tile;
+    const std::int64_t threads = pool.num_threads();
+    const std::int64_t row_cost = std::max<std::int64_t>(k, 1) * std::max<std::int64_t>(m, 4);
+    const std::int64_t rows_for_cost = std::max<std::int64_t>(kTaskCost / row_cost, 1);
+    const std::int64_t rows_for_balance = ceil_div(n, threads * kMinTasksPerThread);
+    const std::int64_t rows_per_task = ceil_div(std::min(rows_for_cost, rows_for_balance), tile) * tile;
     const std::int64_t n_tasks = ceil_div(n, rows_per_task);
-    if (pool.num_threads() == 1 || n_tasks == 1 || m * n * k < kSerialMacs) {
+    if (threads == 1 || n_tasks == 1 || m * n * k < kSerialMacs) {
         kern.block(x, w, bias, out, m, n, k, 0, n);
         return;
     }

@@ -5,21 +5,23 @@
 //   ThreadPool pool(num_threads);            // num_threads >= 1: the calling thread plus num_threads - 1 workers
 //   pool.run(n_tasks, task);                 // calls task(i) exactly once for every i in [0, n_tasks), spread
 //                                            // over the calling thread and the workers; returns when all are done
-//   pool.set_num_threads(n) / num_threads()  // n >= 1, else std::invalid_argument
+//   pool.set_num_threads(n) / num_threads()  // 1 <= n <= 1024, else std::invalid_argument
 //   default_pool()                           // process-wide pool: LENVM_RT_NUM_THREADS if set, else
 //                                            // min(hardware concurrency, 8)
 // Tasks are claimed dynamically (any thread may run any task, in any order), so a task's result must not
 // depend on which thread runs it. If tasks throw, run() still waits for every task and then rethrows the
-// first exception. run() and set_num_threads() are serialised by a mutex, so several threads may call them.
+// first exception. run() and set_num_threads() are serialised by a mutex, so several threads may call them;
+// a task must not call run() or set_num_threads() on its own pool.
 //
-// Idle workers spin on the job word (with a pause hint) for kSpinMicroseconds, then sleep on a condition
+// Idle workers spin on the job word (with a pause hint) for 100 us, then sleep on a condition
 // variable: back-to-back calls (a decode step makes ~120) do not pay a futex wake each, and an idle pool
 // does not burn a core. The caller runs tasks itself and never waits for a sleeping worker to wake up.
 //
-// Lifetime: the destructor (and shutdown()) stops and joins the workers; later run() calls execute inline
-// on the caller. default_pool() is never freed, so a thread that still calls it during interpreter exit
-// finds a valid (inline) pool; a static guard joins its workers when the process exits normally. After
-// fork() the child's pool has lost its workers: it detaches their handles and starts new ones on demand.
+// Lifetime: workers start on the first run() that can use them. The destructor (and shutdown()) stops and
+// joins them; later run() calls execute inline on the caller. default_pool() is never freed, so a thread
+// that still calls it during interpreter exit finds a valid (inline) pool; a static guard joins its workers
+// when the process exits normally. After fork() the child's pool has lost its workers: it abandons their
+// handles (without touching them) and starts new workers on demand.
 #pragma once
 
 #include <atomic>

@@ -32,7 +32,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             _native.linear(x_array, weight_array, bias_array, out)
         else:
             rows = x_array.reshape(-1, x_array.shape[-1])
-            _native.linear(rows, weight_array, bias_array, out.reshape(rows.shape[0], -1))
+            _native.linear(rows, weight_array, bias_array, out.reshape(rows.shape[0], out.shape[-1]))
     except (TypeError, RuntimeError, ValueError, IndexError, AttributeError):
         tensors = (x, weight, bias)
         if not torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):

@@ -76,6 +76,8 @@ def test_leading_dimensions_and_vector_input() -> None:
     assert out.shape == (2, 3, 50)
     assert torch.equal(out.view(6, 50), cpu_ops.linear(x, w, b))
     assert torch.equal(cpu_ops.linear(x[4], w, b), cpu_ops.linear(x, w, b)[4])
+    for empty in [(0, 3, 33), (2, 0, 33)]:
+        assert cpu_ops.linear(torch.ones(empty), w, b).shape == (*empty[:-1], 50)
 
 
 @pytest.mark.parametrize("k", [7, 576, 1000])
