@@ -15,6 +15,16 @@
 // linear_kernel() -> str
 //   "avx2_fma" or "scalar": the kernel linear() uses in this process.
 //
+// rms_norm(x: float32[R, D], weight: float32[D], eps: float, out: float32[R, D]) -> None
+// decode_attention(q: float32[B, H, Dh], k_cache: float32[Bc, Hkv, C, Dh], v_cache: same, span: int32[B],
+//                  scale: float, out: float32[B, H, Dh]) -> None
+//   The per-token operators of csrc/decode_ops.h; shape errors raise ValueError naming the argument; GIL released.
+//
+// rope_cache_attention(qkv: float32[B, (H + 2 Hkv) Dh], cos: float32[C, Dh], sin: float32[C, Dh],
+//                      k_cache: float32[Bc, Hkv, C, Dh], v_cache: same, positions: int32[B], heads: int,
+//                      scale: float, out: float32[B, H Dh]) -> None
+//   RoPE, cache write and attention of one decode step (csrc/decode_ops.h); writes the caches in place.
+//
 // value_of_length / logit_of_length / remaining_from_logit / remaining_from_value(x: float64[N], gamma, out: float64[N])
 // td_residual(u_prev: float64[N], u_next: float64[N], gamma, out: float64[N]); gamma_from_lengths(lengths, q, mass)
 //   The double-precision value math of csrc/value_math.h, elementwise; γ outside (0, 1) or a negative length
@@ -36,6 +46,7 @@
 #include <optional>
 #include <string>
 
+#include "decode_ops.h"
 #include "errors.h"
 #include "guidance.h"
 #include "linear.h"
@@ -180,6 +191,69 @@ void guidance_step(lenvm::GuidanceBatch& batch, const CArray<std::int32_t>& rows
     without_gil([&] { batch.step(args); });
 }
 
+void rms_norm_py(const CArray<float>& x, const CArray<float>& weight, float eps, CArray<float>& out) {
+    lenvm::check(x.ndim() == 2, "x", "a 2-D array [R, D]", x.ndim());
+    const auto rows = x.shape(0), d = x.shape(1);
+    lenvm::check(weight.ndim() == 1 && weight.shape(0) == d, "weight", "shape [D] matching x", weight.shape(0));
+    lenvm::check(out.ndim() == 2 && out.shape(0) == rows && out.shape(1) == d, "out", "the shape of x", out.ndim());
+    lenvm::check(out.writeable(), "out", "a writeable array", "read-only");
+    const float* xp = x.data();
+    const float* wp = weight.data();
+    float* op = out.mutable_data();
+    without_gil([&] { lenvm::rms_norm(xp, wp, eps, op, rows, d); });
+}
+
+void decode_attention_py(const CArray<float>& q, const CArray<float>& k_cache, const CArray<float>& v_cache,
+                         const CArray<std::int32_t>& span, float scale, CArray<float>& out) {
+    lenvm::check(q.ndim() == 3, "q", "a 3-D array [B, H, Dh]", q.ndim());
+    lenvm::check(k_cache.ndim() == 4, "k_cache", "a 4-D array [Bc, Hkv, C, Dh]", k_cache.ndim());
+    const lenvm::AttentionShape s{q.shape(0), q.shape(1), k_cache.shape(1), q.shape(2), k_cache.shape(2)};
+    lenvm::check(k_cache.shape(0) >= s.batch && k_cache.shape(3) == s.head_dim && s.kv_heads > 0 &&
+                     s.heads % s.kv_heads == 0,
+                 "k_cache", "[Bc >= B, Hkv dividing H, C, Dh]", k_cache.shape(1));
+    lenvm::check(v_cache.ndim() == 4 && v_cache.shape(0) == k_cache.shape(0) && v_cache.shape(1) == s.kv_heads &&
+                     v_cache.shape(2) == s.capacity && v_cache.shape(3) == s.head_dim,
+                 "v_cache", "the shape of k_cache", v_cache.ndim());
+    lenvm::check(span.ndim() == 1 && span.shape(0) == s.batch, "span", "int32[B]", span.ndim());
+    for (py::ssize_t b = 0; b < s.batch; ++b)
+        lenvm::check(span.data()[b] >= 1 && span.data()[b] <= s.capacity, "span", "values in [1, C]", span.data()[b]);
+    lenvm::check(out.ndim() == 3 && out.shape(0) == s.batch && out.shape(1) == s.heads && out.shape(2) == s.head_dim,
+                 "out", "the shape of q", out.ndim());
+    lenvm::check(out.writeable(), "out", "a writeable array", "read-only");
+    const float *qp = q.data(), *kp = k_cache.data(), *vp = v_cache.data();
+    const std::int32_t* sp = span.data();
+    float* op = out.mutable_data();
+    without_gil([&] { lenvm::decode_attention(qp, kp, vp, sp, scale, op, s); });
+}
+
+void rope_cache_attention_py(const CArray<float>& qkv, const CArray<float>& cos, const CArray<float>& sin,
+                             CArray<float>& k_cache, CArray<float>& v_cache, const CArray<std::int32_t>& positions,
+                             std::int64_t heads, float scale, CArray<float>& out) {
+    lenvm::check(k_cache.ndim() == 4 && k_cache.writeable(), "k_cache", "a writeable 4-D array", k_cache.ndim());
+    lenvm::check(qkv.ndim() == 2, "qkv", "a 2-D array [B, (H + 2 Hkv) Dh]", qkv.ndim());
+    const lenvm::AttentionShape s{qkv.shape(0), heads, k_cache.shape(1), k_cache.shape(3), k_cache.shape(2)};
+    lenvm::check(s.kv_heads > 0 && heads > 0 && heads % s.kv_heads == 0 && s.head_dim % 2 == 0, "heads",
+                 "a multiple of the cache's KV heads, with an even head dim", heads);
+    lenvm::check(qkv.shape(1) == (heads + 2 * s.kv_heads) * s.head_dim, "qkv", "(H + 2 Hkv) Dh columns", qkv.shape(1));
+    lenvm::check(k_cache.shape(0) >= s.batch, "k_cache", "at least B rows", k_cache.shape(0));
+    lenvm::check(v_cache.ndim() == 4 && v_cache.writeable() && v_cache.shape(0) == k_cache.shape(0) &&
+                     v_cache.shape(1) == s.kv_heads && v_cache.shape(2) == s.capacity && v_cache.shape(3) == s.head_dim,
+                 "v_cache", "a writeable array shaped like k_cache", v_cache.ndim());
+    for (const auto* table : {&cos, &sin})
+        lenvm::check(table->ndim() == 2 && table->shape(0) >= s.capacity && table->shape(1) == s.head_dim,
+                     "cos/sin", "[C, Dh] tables covering the cache", table->ndim());
+    lenvm::check(positions.ndim() == 1 && positions.shape(0) == s.batch, "positions", "int32[B]", positions.ndim());
+    for (py::ssize_t b = 0; b < s.batch; ++b)
+        lenvm::check(positions.data()[b] >= 0 && positions.data()[b] < s.capacity, "positions", "values in [0, C)",
+                     positions.data()[b]);
+    lenvm::check(out.ndim() == 2 && out.shape(0) == s.batch && out.shape(1) == heads * s.head_dim && out.writeable(),
+                 "out", "a writeable array [B, H Dh]", out.ndim());
+    const float *qp = qkv.data(), *cp = cos.data(), *sp = sin.data();
+    float *kp = k_cache.mutable_data(), *vp = v_cache.mutable_data(), *op = out.mutable_data();
+    const std::int32_t* pp = positions.data();
+    without_gil([&] { lenvm::rope_cache_attention(qp, cp, sp, kp, vp, pp, scale, op, s); });
+}
+
 // Elementwise value math over a float64 array: checks, then `fn(x, gamma)` for every element.
 template <double (*Fn)(double, double), bool Lengths>
 void value_math_map(const CArray<double>& x, double gamma, CArray<double>& out) {
@@ -227,6 +301,15 @@ PYBIND11_MODULE(_core, m) {
     m.def("linear_kernel", [] { return std::string(lenvm::linear_kernel_name()); },
           "Kernel used by linear() in this process: 'avx2_fma' or 'scalar' (LENVM_RT_LINEAR_KERNEL=scalar forces it).");
 
+    m.def("rms_norm", &rms_norm_py, py::arg("x").noconvert(), py::arg("weight").noconvert(), py::arg("eps"),
+          py::arg("out").noconvert(), "out = x / sqrt(mean(x**2) + eps) * weight per row (float32).");
+    m.def("decode_attention", &decode_attention_py, py::arg("q").noconvert(), py::arg("k_cache").noconvert(),
+          py::arg("v_cache").noconvert(), py::arg("span").noconvert(), py::arg("scale"), py::arg("out").noconvert(),
+          "One query per row and head over cache positions 0..span[b]-1, grouped-query, float32.");
+    m.def("rope_cache_attention", &rope_cache_attention_py, py::arg("qkv").noconvert(), py::arg("cos").noconvert(),
+          py::arg("sin").noconvert(), py::arg("k_cache").noconvert(), py::arg("v_cache").noconvert(),
+          py::arg("positions").noconvert(), py::arg("heads"), py::arg("scale"), py::arg("out").noconvert(),
+          "RoPE, KV-cache write and attention of one decode step (models without q/k norms), float32.");
     namespace vm = lenvm::math64;
     m.def("value_of_length", &value_math_map<vm::value_of_length, true>, py::arg("lengths").noconvert(),
           py::arg("gamma"), py::arg("out").noconvert(), "out = 1 - gamma**lengths (float64).");

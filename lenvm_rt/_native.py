@@ -231,3 +231,20 @@ def td_residual(u_prev: npt.ArrayLike, u_next: npt.ArrayLike, gamma: float) -> n
 def gamma_from_lengths(lengths: npt.ArrayLike, quantile: float = 0.99, mass: float = 0.99) -> float:
     """C++ mirror of value_math.gamma_from_lengths."""
     return _core.gamma_from_lengths([float(v) for v in np.asarray(lengths).reshape(-1)], float(quantile), float(mass))
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray) -> None:
+    """out = x / sqrt(mean(x**2) + eps) * weight per row; float32 C-contiguous arrays."""
+    _core.rms_norm(x, weight, float(eps), out)
+
+
+def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, span: np.ndarray, scale: float,
+                     out: np.ndarray) -> None:
+    """Decode-step attention (csrc/decode_ops.h); float32 arrays, span int32[B]."""
+    _core.decode_attention(q, k_cache, v_cache, span, float(scale), out)
+
+
+def rope_cache_attention(qkv: np.ndarray, cos: np.ndarray, sin: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
+                         positions: np.ndarray, heads: int, scale: float, out: np.ndarray) -> None:
+    """RoPE, cache write and attention of one decode step (csrc/decode_ops.h); float32, positions int32[B]."""
+    _core.rope_cache_attention(qkv, cos, sin, k_cache, v_cache, positions, int(heads), float(scale), out)

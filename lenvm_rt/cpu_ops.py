@@ -71,3 +71,31 @@ def set_num_threads(n: int) -> None:
 def get_num_threads() -> int:
     """Threads (calling thread included) that native CPU operators use."""
     return _native.get_num_threads()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of contiguous fp32 CPU rows x[..., D] times weight[D] (one native call)."""
+    rows = x.reshape(-1, x.shape[-1]).numpy()
+    out = np.empty_like(rows)
+    _native.rms_norm(rows, weight.numpy(), eps, out)
+    return torch.from_numpy(out).view(x.shape)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span: np.ndarray,
+                     scale: float) -> torch.Tensor:
+    """One query per row and head: q[B, H, Dh] over k/v_cache[Bc, Hkv, C, Dh] positions < span[b] -> [B, H, Dh]."""
+    q_array = q.contiguous().numpy()
+    out = np.empty_like(q_array)
+    _native.decode_attention(q_array, k_cache.numpy(), v_cache.numpy(), span, scale, out)
+    return torch.from_numpy(out)
+
+
+def rope_cache_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, positions: np.ndarray, heads: int, scale: float) -> torch.Tensor:
+    """Decode-step attention from the fused projection qkv[B, (H + 2 Hkv) Dh]: RoPE, cache write at
+    positions[b] (in place), attention over positions 0..positions[b] -> [B, H Dh]."""
+    q = qkv.reshape(qkv.shape[0], -1).numpy()
+    out = np.empty((q.shape[0], heads * k_cache.shape[-1]), dtype=np.float32)
+    _native.rope_cache_attention(q, cos.numpy(), sin.numpy(), k_cache.numpy(), v_cache.numpy(), positions, heads,
+                                 scale, out)
+    return torch.from_numpy(out)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -110,6 +111,8 @@ class CausalLM:
         return F.linear(x, weight, bias)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self._native_linear and x.is_contiguous():  # one native call instead of ~6 torch ops
+            return cpu_ops.rms_norm(x, weight, self.cfg.rms_norm_eps)
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.cfg.rms_norm_eps).to(x.dtype) * weight
 
     def _qkv(self, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -183,7 +186,10 @@ class CausalLM:
             pos = pos_tensor if pos_tensor is not None else torch.tensor(positions, device=self.device)
             mask = self._key_mask(pos, span, through=True)
             rows = torch.arange(B, device=self.device)
+        spans = np.array([p + 1 for p in positions], dtype=np.int32)  # keys each row attends to
         x = F.embedding(ids.view(B, 1), self.w.embed)  # [B, 1, D]
+        if self._native_linear and not cfg.qk_norm:
+            return self._native_decode_layers(x, spans - 1)
         for i, layer in enumerate(self.w.layers):
             q, k, v = self._qkv(layer, x, cos, sin)  # q[B, H, 1, Dh], k/v[B, Hkv, 1, Dh]
             kc, vc = self.k_cache[i], self.v_cache[i]
@@ -193,6 +199,10 @@ class CausalLM:
             else:
                 kc[rows, :, pos] = k[:, :, 0]
                 vc[rows, :, pos] = v[:, :, 0]
+            if self._native_linear:  # one native call instead of matmul, mask, softmax, matmul
+                attn = cpu_ops.decode_attention(q.reshape(B, cfg.num_heads, cfg.head_dim), kc, vc, spans, self.scale)
+                x = self._mlp_residual(layer, x, attn.view(B, 1, cfg.num_heads * cfg.head_dim))
+                continue
             # Grouped-query attention without repeating K/V: the G query heads of a KV head form a
             # [G, Dh] block that multiplies the shared [span, Dh] keys.
             qg = q.view(B, cfg.num_kv_heads, G, cfg.head_dim)
@@ -202,6 +212,18 @@ class CausalLM:
             probs = torch.softmax(scores, dim=-1).to(self.dtype)
             attn = torch.matmul(probs, vc[:B, :, :span])  # [B, Hkv, G, Dh]
             x = self._mlp_residual(layer, x, attn.view(B, 1, cfg.num_heads * cfg.head_dim))
+        return x.view(B, -1)
+
+    def _native_decode_layers(self, x: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+        """decode_step's layers on the C++ core (CPU fp32, no q/k norms): per layer one call for norm,
+        one for the q/k/v projection and one for RoPE + cache write + attention, instead of ~25 torch ops."""
+        cfg = self.cfg
+        B = x.shape[0]
+        for i, layer in enumerate(self.w.layers):
+            qkv = self._linear(self._norm(x, layer.input_norm), layer.qkv, layer.qkv_bias)  # [B, 1, (H+2Hkv) Dh]
+            attn = cpu_ops.rope_cache_attention(qkv, self._cos, self._sin, self.k_cache[i], self.v_cache[i],
+                                                positions, cfg.num_heads, self.scale)
+            x = self._mlp_residual(layer, x, attn.view(B, 1, -1))
         return x.view(B, -1)
 
     def _key_mask(self, pos: torch.Tensor, span: int, *, through: bool) -> torch.Tensor:
