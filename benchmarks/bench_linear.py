@@ -6,9 +6,9 @@ implementations alternate pass by pass (which one goes first alternates too) aft
 weights (538 MB) are far larger than the caches, so a pass streams them from memory: GB/s is weight bytes
 per pass / median pass time.
 
-Prints a table and writes JSON (default benchmarks/results/bench_linear.json): per M and implementation
-the median / p90 / min ms per pass and GB/s, the torch/ours median ratio, the max abs difference of the
-two outputs, threads, CPU model and torch version.
+Prints a table and writes a JSON record (lenvm_rt.bench.report: machine, versions, timestamp, config;
+default benchmarks/results/bench_linear.json): per M and implementation the median / p90 / min ms per
+pass and GB/s, the torch/ours median ratio and the max abs difference of the two outputs.
 
     python benchmarks/bench_linear.py --threads 2 --repeats 30 --rows 1 16
 """
@@ -16,9 +16,6 @@ two outputs, threads, CPU model and torch version.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,22 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from lenvm_rt import _native, cpu_ops
+from lenvm_rt.bench.report import stats_ms, write_record
 
 HIDDEN, INTERMEDIATE, VOCAB, LAYERS = 576, 1536, 49152, 30
 LAYER_SHAPES = [(960, HIDDEN), (HIDDEN, HIDDEN), (2 * INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)]
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_linear.json"
 
 Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_weights(seed: int) -> list[torch.Tensor]:
@@ -59,15 +47,9 @@ def run_pass(fn: Linear, xs: list[torch.Tensor], weights: list[torch.Tensor]) ->
 
 
 def summarise(seconds: list[float], weight_bytes: int) -> dict[str, float]:
-    ordered = sorted(seconds)
-    median = statistics.median(ordered)
-    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
-    return {
-        "median_ms": median * 1e3,
-        "p90_ms": p90 * 1e3,
-        "min_ms": ordered[0] * 1e3,
-        "gb_per_s": weight_bytes / median / 1e9,
-    }
+    stats = stats_ms(seconds)
+    return {"median_ms": stats["median"], "p90_ms": stats["p90"], "min_ms": stats["min"],
+            "gb_per_s": weight_bytes / stats["median"] / 1e6}
 
 
 def bench_rows(rows: int, weights: list[torch.Tensor], repeats: int, warmup: int) -> dict[str, object]:
@@ -103,26 +85,16 @@ def main() -> None:
     cpu_ops.set_num_threads(args.threads)
     weights = make_weights(seed=0)
     weight_bytes = sum(w.numel() * w.element_size() for w in weights)
-    report: dict[str, object] = {
-        "cpu_model": cpu_model(),
-        "torch_version": torch.__version__,
-        "threads": args.threads,
-        "kernel": _native.linear_kernel(),
-        "matrices_per_pass": len(weights),
-        "weight_bytes_per_pass": weight_bytes,
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "results": {},
-    }
-    print(
-        f"{report['cpu_model']} | torch {torch.__version__} | threads {args.threads} | "
-        f"kernel {report['kernel']} | {len(weights)} matrices, {weight_bytes / 1e6:.0f} MB per pass"
-    )
+    config = {"threads": args.threads, "kernel": _native.linear_kernel(), "matrices_per_pass": len(weights),
+              "weight_bytes_per_pass": weight_bytes, "repeats": args.repeats, "warmup": args.warmup}
+    results: dict[str, object] = {}
+    print(f"torch {torch.__version__} | threads {args.threads} | kernel {config['kernel']} | "
+          f"{len(weights)} matrices, {weight_bytes / 1e6:.0f} MB per pass")
     print(f"{'M':>3} {'impl':>6} {'median ms':>10} {'p90 ms':>8} {'min ms':>8} {'GB/s':>6} {'torch/ours':>10}")
     with torch.inference_mode():
         for rows in args.rows:
             result = bench_rows(rows, weights, args.repeats, args.warmup)
-            report["results"][f"M={rows}"] = result
+            results[f"M={rows}"] = result
             for name in ("torch", "ours"):
                 s = result[name]
                 ratio = f"{result['speedup_torch_over_ours']:10.2f}" if name == "ours" else ""
@@ -130,8 +102,7 @@ def main() -> None:
                     f"{rows:>3} {name:>6} {s['median_ms']:10.2f} {s['p90_ms']:8.2f} {s['min_ms']:8.2f} "
                     f"{s['gb_per_s']:6.1f} {ratio}"
                 )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_record(args.out, "linear", config, results)
     print(f"wrote {args.out}")
 
 

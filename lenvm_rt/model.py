@@ -103,7 +103,7 @@ class CausalLM:
     # ---- forward pieces -------------------------------------------------------------------------
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ weight.T + bias. Decode-sized CPU fp32 calls go to the C++ core's skinny GEMM, which reads
-        each weight row once for all rows of x at up to ~2.7x torch's GEMV bandwidth on 2 cores
+        each weight row once for all rows of x at ~2x torch's GEMV bandwidth on 2 cores
         (benchmarks/results/bench_linear.json) and gives every row the same bits whatever the batch;
         larger calls (prefill) stay with torch's GEMM."""
         if self._native_linear and x.numel() <= NATIVE_MAX_ROWS * x.shape[-1]:
