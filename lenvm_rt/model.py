@@ -177,6 +177,9 @@ class CausalLM:
         """
         cfg = self.cfg
         B = ids.shape[0]
+        x = F.embedding(ids.view(B, 1), self.w.embed)  # [B, 1, D]
+        if self._native_linear and not cfg.qk_norm:
+            return self._native_decode_layers(x, np.array(positions, dtype=np.int32))
         G = cfg.num_heads // cfg.num_kv_heads
         first = positions[0]
         span = max(positions) + 1  # keys attended this step: cache positions 0..span-1
@@ -187,9 +190,6 @@ class CausalLM:
             mask = self._key_mask(pos, span, through=True)
             rows = torch.arange(B, device=self.device)
         spans = np.array([p + 1 for p in positions], dtype=np.int32)  # keys each row attends to
-        x = F.embedding(ids.view(B, 1), self.w.embed)  # [B, 1, D]
-        if self._native_linear and not cfg.qk_norm:
-            return self._native_decode_layers(x, spans - 1)
         for i, layer in enumerate(self.w.layers):
             q, k, v = self._qkv(layer, x, cos, sin)  # q[B, H, 1, Dh], k/v[B, Hkv, 1, Dh]
             kc, vc = self.k_cache[i], self.v_cache[i]

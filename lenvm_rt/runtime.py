@@ -1,9 +1,10 @@
 """`load()` and `Runtime`: the public decoding API.
 
-    rt = lenvm_rt.load("path/to/checkpoint" | "org/name" | "default", device=None, dtype=None)
-    rt.generate(prompt, *, max_new_tokens=256, sampling=Sampling()) -> Generation
-    rt.generate_batch(prompts, *, max_new_tokens=256, sampling=...) -> list[Generation]
-    for event in rt.stream(prompt, *, max_new_tokens=256, sampling=...): event.token_id, event.text
+    rt = lenvm_rt.load("path/to/checkpoint" | "org/name" | "default", value_model=None, device=None, dtype=None)
+    rt.generate(prompt, *, max_new_tokens=256, sampling=Sampling(), length=None, tilt=None) -> Generation
+    rt.generate_batch(prompts, *, max_new_tokens=256, sampling=..., length=..., tilt=...) -> list[Generation]
+    for event in rt.stream(prompt, *, ...): event.token_id, event.text, event.remaining
+    rt.token_values(prompt, response) -> TokenValues;  rt.predict_length(prompts) -> list[float];  rt.gamma
 
 A prompt is text (encoded as is, with the tokenizer's own special tokens), a list of chat messages
 (rendered with the checkpoint's chat template and a generation prompt), or a list of token ids.
