@@ -24,6 +24,10 @@
 //                      k_cache: float32[Bc, Hkv, C, Dh], v_cache: same, positions: int32[B], heads: int,
 //                      scale: float, out: float32[B, H Dh]) -> None
 //   RoPE, cache write and attention of one decode step (csrc/decode_ops.h); writes the caches in place.
+// rope_lookahead_attention(qkv: float32[B K, (H + 2 Hkv) Dh], cos, sin, k_cache, v_cache, positions: int32[B],
+//                          heads: int, scale: float, out: float32[B K, H Dh], k_new: float32[B, Hkv, K, Dh],
+//                          v_new: same) -> None
+//   The tree-masked lookahead attention of K candidates per row (csrc/decode_ops.h); caches are read only.
 //
 // value_of_length / logit_of_length / remaining_from_logit / remaining_from_value(x: float64[N], gamma, out: float64[N])
 // td_residual(u_prev: float64[N], u_next: float64[N], gamma, out: float64[N]); gamma_from_lengths(lengths, q, mass)
@@ -254,6 +258,45 @@ void rope_cache_attention_py(const CArray<float>& qkv, const CArray<float>& cos,
     without_gil([&] { lenvm::rope_cache_attention(qp, cp, sp, kp, vp, pp, scale, op, s); });
 }
 
+void rope_lookahead_attention_py(const CArray<float>& qkv, const CArray<float>& cos, const CArray<float>& sin,
+                                 const CArray<float>& k_cache, const CArray<float>& v_cache,
+                                 const CArray<std::int32_t>& positions, std::int64_t heads, float scale,
+                                 CArray<float>& out, CArray<float>& k_new, CArray<float>& v_new) {
+    lenvm::check(k_cache.ndim() == 4, "k_cache", "a 4-D array [Bc, Hkv, C, Dh]", k_cache.ndim());
+    lenvm::check(k_new.ndim() == 4 && k_new.writeable(), "k_new", "a writeable 4-D array [B, Hkv, K, Dh]",
+                 k_new.ndim());
+    const std::int64_t batch = k_new.shape(0), k_cand = k_new.shape(2);
+    const lenvm::AttentionShape s{batch, heads, k_cache.shape(1), k_cache.shape(3), k_cache.shape(2)};
+    lenvm::check(s.kv_heads > 0 && heads > 0 && heads % s.kv_heads == 0 && s.head_dim % 2 == 0, "heads",
+                 "a multiple of the cache's KV heads, with an even head dim", heads);
+    lenvm::check(k_new.shape(1) == s.kv_heads && k_new.shape(3) == s.head_dim && k_cand >= 1, "k_new",
+                 "[B, Hkv, K, Dh] matching the cache", k_new.shape(1));
+    lenvm::check(v_new.ndim() == 4 && v_new.writeable() && v_new.shape(0) == batch && v_new.shape(1) == s.kv_heads &&
+                     v_new.shape(2) == k_cand && v_new.shape(3) == s.head_dim,
+                 "v_new", "a writeable array shaped like k_new", v_new.ndim());
+    lenvm::check(qkv.ndim() == 2 && qkv.shape(0) == batch * k_cand &&
+                     qkv.shape(1) == (heads + 2 * s.kv_heads) * s.head_dim,
+                 "qkv", "[B K, (H + 2 Hkv) Dh]", qkv.ndim() == 2 ? qkv.shape(0) : -1);
+    lenvm::check(k_cache.shape(0) >= batch, "k_cache", "at least B rows", k_cache.shape(0));
+    lenvm::check(v_cache.ndim() == 4 && v_cache.shape(0) == k_cache.shape(0) && v_cache.shape(1) == s.kv_heads &&
+                     v_cache.shape(2) == s.capacity && v_cache.shape(3) == s.head_dim,
+                 "v_cache", "the shape of k_cache", v_cache.ndim());
+    for (const auto* table : {&cos, &sin})
+        lenvm::check(table->ndim() == 2 && table->shape(0) >= s.capacity && table->shape(1) == s.head_dim,
+                     "cos/sin", "[C, Dh] tables covering the cache", table->ndim());
+    lenvm::check(positions.ndim() == 1 && positions.shape(0) == batch, "positions", "int32[B]", positions.ndim());
+    for (py::ssize_t b = 0; b < batch; ++b)
+        lenvm::check(positions.data()[b] >= 1 && positions.data()[b] < s.capacity, "positions", "values in [1, C)",
+                     positions.data()[b]);
+    lenvm::check(out.ndim() == 2 && out.shape(0) == batch * k_cand && out.shape(1) == heads * s.head_dim &&
+                     out.writeable(),
+                 "out", "a writeable array [B K, H Dh]", out.ndim());
+    const float *qp = qkv.data(), *cp = cos.data(), *sp = sin.data(), *kp = k_cache.data(), *vp = v_cache.data();
+    float *op = out.mutable_data(), *knp = k_new.mutable_data(), *vnp = v_new.mutable_data();
+    const std::int32_t* pp = positions.data();
+    without_gil([&] { lenvm::rope_lookahead_attention(qp, cp, sp, kp, vp, pp, k_cand, scale, op, knp, vnp, s); });
+}
+
 // Elementwise value math over a float64 array: checks, then `fn(x, gamma)` for every element.
 template <double (*Fn)(double, double), bool Lengths>
 void value_math_map(const CArray<double>& x, double gamma, CArray<double>& out) {
@@ -310,6 +353,11 @@ PYBIND11_MODULE(_core, m) {
           py::arg("sin").noconvert(), py::arg("k_cache").noconvert(), py::arg("v_cache").noconvert(),
           py::arg("positions").noconvert(), py::arg("heads"), py::arg("scale"), py::arg("out").noconvert(),
           "RoPE, KV-cache write and attention of one decode step (models without q/k norms), float32.");
+    m.def("rope_lookahead_attention", &rope_lookahead_attention_py, py::arg("qkv").noconvert(),
+          py::arg("cos").noconvert(), py::arg("sin").noconvert(), py::arg("k_cache").noconvert(),
+          py::arg("v_cache").noconvert(), py::arg("positions").noconvert(), py::arg("heads"), py::arg("scale"),
+          py::arg("out").noconvert(), py::arg("k_new").noconvert(), py::arg("v_new").noconvert(),
+          "Tree-masked lookahead attention of K candidates per row (models without q/k norms), float32.");
     namespace vm = lenvm::math64;
     m.def("value_of_length", &value_math_map<vm::value_of_length, true>, py::arg("lengths").noconvert(),
           py::arg("gamma"), py::arg("out").noconvert(), "out = 1 - gamma**lengths (float64).");

@@ -10,6 +10,11 @@
 //                      out[B, H·Dh])
 //   The whole attention of a decode step for models without q/k norms: rotate-half RoPE at position p_b on
 //   q and k, k and v written to cache position p_b of row b, then decode_attention over positions 0..p_b.
+// rope_lookahead_attention(qkv[B·K, (H + 2·Hkv)·Dh], cos, sin, k_cache, v_cache, positions[B], K, scale,
+//                          out[B·K, H·Dh], k_new[B, Hkv, K, Dh], v_new[B, Hkv, K, Dh])
+//   The tree-masked lookahead: the K candidates of row b all sit at position p_b; each attends to cache
+//   positions 0..p_b-1 of its row and to itself only. Their roped k and v go to k_new / v_new (the
+//   cache is not touched; the caller commits the chosen one).
 // Shapes are checked by the caller (csrc/bindings.cpp); nothing here allocates on the heap per call
 // beyond one score buffer of C floats, and nothing exits or aborts.
 #pragma once
@@ -98,6 +103,57 @@ inline void rope_cache_attention(const float* qkv, const float* cos, const float
         span[static_cast<std::size_t>(b)] = static_cast<std::int32_t>(p + 1);
     }
     decode_attention(q.data(), k_cache, v_cache, span.data(), scale, out, s);
+}
+
+inline void rope_lookahead_attention(const float* qkv, const float* cos, const float* sin, const float* k_cache,
+                                     const float* v_cache, const std::int32_t* positions, std::int64_t k_cand,
+                                     float scale, float* out, float* k_new, float* v_new, const AttentionShape& s) {
+    const std::int64_t dh = s.head_dim, stride = (s.heads + 2 * s.kv_heads) * dh, group = s.heads / s.kv_heads;
+    std::vector<float> q(static_cast<std::size_t>(dh)), scores(static_cast<std::size_t>(s.capacity + 1));
+    for (std::int64_t b = 0; b < s.batch; ++b) {
+        const std::int64_t p = positions[b];
+        const float *c = cos + p * dh, *sn = sin + p * dh;
+        for (std::int64_t j = 0; j < k_cand; ++j) {
+            const float* row = qkv + (b * k_cand + j) * stride;
+            for (std::int64_t kv = 0; kv < s.kv_heads; ++kv) {
+                const std::int64_t own = ((b * s.kv_heads + kv) * k_cand + j) * dh;
+                rope(row + (s.heads + kv) * dh, c, sn, k_new + own, dh);
+                std::copy(row + (s.heads + s.kv_heads + kv) * dh, row + (s.heads + s.kv_heads + kv + 1) * dh,
+                          v_new + own);
+            }
+        }
+        for (std::int64_t j = 0; j < k_cand; ++j) {
+            const float* row = qkv + (b * k_cand + j) * stride;
+            for (std::int64_t h = 0; h < s.heads; ++h) {
+                const std::int64_t kv = h / group;
+                rope(row + h * dh, c, sn, q.data(), dh);
+                const float* keys = k_cache + (b * s.kv_heads + kv) * s.capacity * dh;
+                const float* vals = v_cache + (b * s.kv_heads + kv) * s.capacity * dh;
+                const float* own_k = k_new + ((b * s.kv_heads + kv) * k_cand + j) * dh;
+                const float* own_v = v_new + ((b * s.kv_heads + kv) * k_cand + j) * dh;
+                float best = -INFINITY;
+                for (std::int64_t t = 0; t <= p; ++t) {
+                    const float* key = t < p ? keys + t * dh : own_k;
+                    float dot = 0.0f;
+                    for (std::int64_t i = 0; i < dh; ++i) dot += q[i] * key[i];
+                    scores[t] = dot * scale;
+                    best = std::max(best, scores[t]);
+                }
+                float total = 0.0f;
+                for (std::int64_t t = 0; t <= p; ++t) {
+                    scores[t] = std::exp(scores[t] - best);
+                    total += scores[t];
+                }
+                float* o = out + (b * k_cand + j) * s.heads * dh + h * dh;
+                std::fill(o, o + dh, 0.0f);
+                for (std::int64_t t = 0; t <= p; ++t) {
+                    const float w = scores[t] / total;
+                    const float* value = t < p ? vals + t * dh : own_v;
+                    for (std::int64_t i = 0; i < dh; ++i) o[i] += w * value[i];
+                }
+            }
+        }
+    }
 }
 
 }  // namespace lenvm

@@ -64,3 +64,8 @@ def rope_cache_attention(qkv: npt.NDArray[np.float32], cos: npt.NDArray[np.float
                          k_cache: npt.NDArray[np.float32], v_cache: npt.NDArray[np.float32],
                          positions: npt.NDArray[np.int32], heads: int, scale: float,
                          out: npt.NDArray[np.float32]) -> None: ...
+def rope_lookahead_attention(qkv: npt.NDArray[np.float32], cos: npt.NDArray[np.float32],
+                             sin: npt.NDArray[np.float32], k_cache: npt.NDArray[np.float32],
+                             v_cache: npt.NDArray[np.float32], positions: npt.NDArray[np.int32], heads: int,
+                             scale: float, out: npt.NDArray[np.float32], k_new: npt.NDArray[np.float32],
+                             v_new: npt.NDArray[np.float32]) -> None: ...

@@ -248,3 +248,11 @@ def rope_cache_attention(qkv: np.ndarray, cos: np.ndarray, sin: np.ndarray, k_ca
                          positions: np.ndarray, heads: int, scale: float, out: np.ndarray) -> None:
     """RoPE, cache write and attention of one decode step (csrc/decode_ops.h); float32, positions int32[B]."""
     _core.rope_cache_attention(qkv, cos, sin, k_cache, v_cache, positions, int(heads), float(scale), out)
+
+
+def rope_lookahead_attention(qkv: np.ndarray, cos: np.ndarray, sin: np.ndarray, k_cache: np.ndarray,
+                             v_cache: np.ndarray, positions: np.ndarray, heads: int, scale: float, out: np.ndarray,
+                             k_new: np.ndarray, v_new: np.ndarray) -> None:
+    """Tree-masked lookahead attention (csrc/decode_ops.h); float32, positions int32[B]."""
+    _core.rope_lookahead_attention(qkv, cos, sin, k_cache, v_cache, positions, int(heads), float(scale), out, k_new,
+                                   v_new)

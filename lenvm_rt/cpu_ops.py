@@ -99,3 +99,19 @@ def rope_cache_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     _native.rope_cache_attention(q, cos.numpy(), sin.numpy(), k_cache.numpy(), v_cache.numpy(), positions, heads,
                                  scale, out)
     return torch.from_numpy(out)
+
+
+def rope_lookahead_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                             v_cache: torch.Tensor, positions: np.ndarray, heads: int, k: int, scale: float
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lookahead attention of k candidates per row from qkv[B, k, (H + 2 Hkv) Dh] at positions[b]:
+    -> (attention [B, k, H Dh], k_new [B, Hkv, k, Dh], v_new [B, Hkv, k, Dh]); the caches are only read."""
+    B = positions.shape[0]
+    rows = qkv.reshape(B * k, -1).numpy()
+    kv_heads, dh = k_cache.shape[1], k_cache.shape[3]
+    out = np.empty((B * k, heads * dh), dtype=np.float32)
+    k_new = np.empty((B, kv_heads, k, dh), dtype=np.float32)
+    v_new = np.empty_like(k_new)
+    _native.rope_lookahead_attention(rows, cos.numpy(), sin.numpy(), k_cache.numpy(), v_cache.numpy(), positions,
+                                     heads, scale, out, k_new, v_new)
+    return torch.from_numpy(out).view(B, k, -1), torch.from_numpy(k_new), torch.from_numpy(v_new)

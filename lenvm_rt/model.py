@@ -226,6 +226,18 @@ class CausalLM:
             x = self._mlp_residual(layer, x, attn.view(B, 1, -1))
         return x.view(B, -1)
 
+    def _native_lookahead_layers(self, x: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+        """lookahead's layers on the C++ core (CPU fp32, no q/k norms); candidate K/V kept for commit."""
+        cfg = self.cfg
+        B, K, _ = x.shape
+        for i, layer in enumerate(self.w.layers):
+            qkv = self._linear(self._norm(x, layer.input_norm), layer.qkv, layer.qkv_bias)  # [B, K, (H+2Hkv) Dh]
+            attn, k, v = cpu_ops.rope_lookahead_attention(qkv, self._cos, self._sin, self.k_cache[i], self.v_cache[i],
+                                                          positions, cfg.num_heads, K, self.scale)
+            self._pending.append((k, v))
+            x = self._mlp_residual(layer, x, attn)
+        return x
+
     def _key_mask(self, pos: torch.Tensor, span: int, *, through: bool) -> torch.Tensor:
         """Additive mask [B, 1, 1, span]: row b sees keys up to pos[b] (through) or before it."""
         keys = torch.arange(span, device=self.device).view(1, span)
@@ -261,6 +273,8 @@ class CausalLM:
             mask = self._key_mask(pos, span, through=False)
         x = F.embedding(cand, self.w.embed)  # [B, K, D]
         self._pending = []
+        if self._native_linear and not cfg.qk_norm:
+            return self._native_lookahead_layers(x, np.array(positions, dtype=np.int32))
         for i, layer in enumerate(self.w.layers):
             q, k, v = self._qkv(layer, x, cos, sin)  # q[B, H, K, Dh], k/v[B, Hkv, K, Dh]
             self._pending.append((k, v))
