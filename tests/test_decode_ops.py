@@ -63,3 +63,16 @@ def test_bad_shapes_are_named_and_nothing_breaks():
         cpu_ops.rope_cache_attention(torch.randn(1, 32), torch.randn(4, 8), torch.randn(4, 8), torch.randn(1, 1, 4, 8),
                                      torch.randn(1, 1, 4, 8), np.array([4], dtype=np.int32), 2, 1.0)
     assert cpu_ops.rms_norm(torch.ones(1, 4), torch.ones(4), 0.0).sum().item() == pytest.approx(4.0)
+
+
+def test_rope_lookahead_attention_rejects_bad_shapes_and_an_empty_prefix():
+    qkv, table = torch.randn(2, 32), torch.randn(8, 8)
+    cache = torch.randn(1, 1, 8, 8)
+    with pytest.raises(ValueError, match="positions"):
+        cpu_ops.rope_lookahead_attention(qkv, table, table, cache, cache, np.array([0], dtype=np.int32), 2, 2, 1.0)
+    with pytest.raises(ValueError, match="qkv"):
+        cpu_ops.rope_lookahead_attention(torch.randn(3, 32), table, table, cache, cache, np.array([3], dtype=np.int32),
+                                         2, 2, 1.0)
+    attn, k_new, v_new = cpu_ops.rope_lookahead_attention(qkv, table, table, cache, cache,
+                                                          np.array([3], dtype=np.int32), 2, 2, 1.0)
+    assert attn.shape == (1, 2, 16) and k_new.shape == v_new.shape == (1, 1, 2, 8)
