@@ -161,7 +161,8 @@ def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], sampli
         for step in range(max_new_tokens):
             watch.start()
             logits = model.logits(x)
-            plain = chooser(logits, [step] * B)  # unguided rows: exactly their plain-decoding draw
+            # unguided rows: exactly their plain-decoding draw (skipped when every row is guided)
+            plain = chooser(logits, [step] * B) if len(guided) < B else torch.zeros(B, dtype=torch.long, device=dev)
             ban = None
             if at_least:
                 ban = torch.zeros(B, dtype=torch.bool, device=dev)
