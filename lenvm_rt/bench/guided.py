@@ -27,7 +27,7 @@ import torch
 
 from ..config import LengthTarget, Sampling
 from ..decode import Stopwatch, decode
-from ..guidance import Guidance, build_candidates
+from ..guidance import CandidateSettings, Guidance, build_candidates
 from ..runtime import Runtime, load
 from ..select_ref import AT_LEAST
 from .report import format_table, stats_ms, write_record
@@ -71,10 +71,7 @@ def _reference_method(rt: Runtime, prompt: list[int], sampling: Sampling, guidan
     """The reference implementation's step, on lenvm_rt's own trunks (see module docstring)."""
     policy, lenvm = rt.model, rt.value.trunk
     gamma = rt.value.gamma
-    settings_rows = [sampling]
-    from ..guidance import CandidateSettings
-
-    settings = CandidateSettings.of(settings_rows, rt.eos_token_ids, policy.device)
+    settings = CandidateSettings.of([sampling], rt.eos_token_ids, policy.device)
     L = len(prompt)
     policy.allocate(batch=1, capacity=L + n + 1)
     lenvm.allocate(batch=1, capacity=L + n + 1)
