@@ -97,9 +97,6 @@ class CausalLM:
         self._sin = angles.sin().to(self.device, self.dtype)
         self.batch_capacity, self.capacity = batch, capacity
 
-    def kv_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
-
     # ---- forward pieces -------------------------------------------------------------------------
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ weight.T + bias. Decode-sized CPU fp32 calls go to the C++ core's skinny GEMM, which reads
