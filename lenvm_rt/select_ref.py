@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 EQUAL, AT_MOST, AT_LEAST, TILT = 1, 2, 3, 4
+RULES = {"equal": EQUAL, "at_most": AT_MOST, "at_least": AT_LEAST, "tilt": TILT}
 GUIDANCE_STREAM = 1  # Philox stream of guided draws; stream 0 is plain sampling
 
 
