@@ -22,13 +22,13 @@ Finished rows ride along until the batch ends; their outputs are dropped.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 
 from .config import Sampling
 from .guidance import CandidateSettings, Guidance, build_candidates
-from .model import CausalLM
+from .model import CausalLM, right_padded
 from .sampling import TokenChooser
 from .select_ref import AT_LEAST
 from .selector import make_selector
@@ -37,14 +37,6 @@ from .values import ValueModel
 
 Emitted = tuple[int, "str | None", "float | None"]
 CACHE_BLOCK = 256  # KV capacity grows in blocks so that similar requests reuse one allocation
-
-
-def _right_padded(prompts: Sequence[list[int]]) -> tuple[torch.Tensor, list[int]]:
-    lengths = [len(p) for p in prompts]
-    ids = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, : len(p)] = torch.tensor(p)
-    return ids, lengths
 
 
 def _capacity(lengths: list[int], max_new_tokens: int, limit: int) -> int:
@@ -111,7 +103,7 @@ def decode(model: CausalLM, value: ValueModel | None, prompts: list[list[int]], 
 
 def _plain(model: CausalLM, prompts: list[list[int]], samplings: list[Sampling], max_new_tokens: int,
            eos_ids: frozenset[int], context: int) -> Iterator[list[Emitted | None]]:
-    ids, lengths = _right_padded(prompts)
+    ids, lengths = right_padded(prompts)
     B = len(prompts)
     model.allocate(batch=B, capacity=_capacity(lengths, max_new_tokens, context))
     chooser = TokenChooser(samplings, model.device)
@@ -134,7 +126,7 @@ def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], sampli
             guidances: list[Guidance | None], max_new_tokens: int, eos_ids: frozenset[int],
             context: int, watch: Stopwatch) -> Iterator[list[Emitted | None]]:
     dev = model.device
-    ids, lengths = _right_padded(prompts)
+    ids, lengths = right_padded(prompts)
     B = len(prompts)
     capacity = _capacity(lengths, max_new_tokens, context)
     trunk = value.trunk or model  # the trunk the value head reads

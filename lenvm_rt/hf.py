@@ -29,6 +29,7 @@ import torch
 
 from .config import LengthTarget, Sampling
 from .guidance import CandidateSettings, Guidance, build_candidates
+from .model import right_padded
 from .select_ref import AT_LEAST
 from .selector import make_selector
 from .tokenizer import Tokenizer
@@ -88,14 +89,10 @@ class LengthGuidanceLogitsProcessor:
             while self.pad_token_id is not None and start < len(row) - 1 and row[start] == self.pad_token_id:
                 start += 1
             rows.append(row[start:])
-        lengths = [len(r) for r in rows]
+        ids, lengths = right_padded(rows)
         B = len(rows)
         trunk = self.value.trunk
-        capacity = max(lengths) + self.max_new_tokens + 1
-        trunk.allocate(batch=B, capacity=capacity)
-        ids = torch.zeros(B, max(lengths), dtype=torch.long)
-        for b, r in enumerate(rows):
-            ids[b, : len(r)] = torch.tensor(r)
+        trunk.allocate(batch=B, capacity=max(lengths) + self.max_new_tokens + 1)
         with torch.inference_mode():
             trunk.prefill(ids.to(self.device), lengths)
         self._positions = lengths

@@ -27,6 +27,7 @@ All math mirrors transformers' modules (RMSNorm in fp32, rotate-half RoPE, SiLU-
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -37,6 +38,15 @@ from .config import ModelConfig, RopeConfig
 from .weights import LayerWeights, ModelWeights
 
 NATIVE_MAX_ROWS = 64  # rows per call up to which the C++ skinny GEMM beats torch on CPU
+
+
+def right_padded(prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, list[int]]:
+    """Token id lists -> (ids[B, S] int64 padded with 0 on the right, lengths): prefill's input."""
+    lengths = [len(p) for p in prompts]
+    ids = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = torch.tensor(p)
+    return ids, lengths
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:

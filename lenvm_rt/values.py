@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelConfig
-from .model import CausalLM
+from .model import CausalLM, right_padded
 from .tokenizer import Tokenizer
 from .value_math import remaining_from_logit, td_residual
 from .value_model import (
@@ -141,10 +141,7 @@ def token_values(vm: ValueModel, policy: CausalLM, tokenizer: Tokenizer, prompt_
 def predict_lengths(vm: ValueModel, policy: CausalLM, prompts: list[list[int]]) -> list[float]:
     """Predicted generation length (EOS counted) from each prompt's boundary state, one batched prefill."""
     trunk = _trunk(vm, policy)
-    lengths = [len(p) for p in prompts]
-    ids = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, : len(p)] = torch.tensor(p)
+    ids, lengths = right_padded(prompts)
     trunk.allocate(batch=len(prompts), capacity=max(lengths))
     with torch.inference_mode():
         z, _ = vm.values(trunk.prefill(ids.to(trunk.device), lengths))
