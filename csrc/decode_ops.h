@@ -15,14 +15,18 @@
 //   The tree-masked lookahead: the K candidates of row b all sit at position p_b; each attends to cache
 //   positions 0..p_b-1 of its row and to itself only. Their roped k and v go to k_new / v_new (the
 //   cache is not touched; the caller commits the chosen one).
-// Shapes are checked by the caller (csrc/bindings.cpp); nothing here allocates on the heap per call
-// beyond one score buffer of C floats, and nothing exits or aborts.
+// Attention runs rows x KV heads (x candidates) as tasks on the core's thread pool; each task's result
+// depends only on its own inputs. Shapes are checked by the caller (csrc/bindings.cpp); the only heap
+// memory is a per-thread scratch buffer that grows to the largest capacity seen, and nothing exits or aborts.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
+
+#include "thread_pool.h"
 
 namespace lenvm {
 
@@ -41,39 +45,89 @@ struct AttentionShape {
     std::int64_t batch, heads, kv_heads, head_dim, capacity;
 };
 
-inline void decode_attention(const float* q, const float* k_cache, const float* v_cache, const std::int32_t* span,
-                             float scale, float* out, const AttentionShape& s) {
-    const std::int64_t group = s.heads / s.kv_heads;
-    std::vector<float> scores(static_cast<std::size_t>(s.capacity));
-    for (std::int64_t b = 0; b < s.batch; ++b) {
-        const std::int64_t n = span[b];
-        for (std::int64_t h = 0; h < s.heads; ++h) {
-            const float* qh = q + (b * s.heads + h) * s.head_dim;
-            const std::int64_t kv = (b * s.kv_heads + h / group) * s.capacity * s.head_dim;
-            const float* k = k_cache + kv;
-            const float* v = v_cache + kv;
-            float best = -INFINITY;
-            for (std::int64_t j = 0; j < n; ++j) {
-                const float* kj = k + j * s.head_dim;
-                float dot = 0.0f;
-                for (std::int64_t i = 0; i < s.head_dim; ++i) dot += qh[i] * kj[i];
-                scores[j] = dot * scale;
-                best = std::max(best, scores[j]);
-            }
-            float total = 0.0f;
-            for (std::int64_t j = 0; j < n; ++j) {
-                scores[j] = std::exp(scores[j] - best);
-                total += scores[j];
-            }
-            float* o = out + (b * s.heads + h) * s.head_dim;
-            std::fill(o, o + s.head_dim, 0.0f);
-            for (std::int64_t j = 0; j < n; ++j) {
-                const float w = scores[j] / total;
-                const float* vj = v + j * s.head_dim;
-                for (std::int64_t i = 0; i < s.head_dim; ++i) o[i] += w * vj[i];
-            }
+// Dot product with 8 partial sums combined in a fixed order: the compiler vectorises it without
+// -ffast-math, and the result depends only on the inputs (never on batch, thread or call site).
+inline float dot8(const float* a, const float* b, std::int64_t n) {
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    std::int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; ++l) acc[l] += a[i + l] * b[i + l];
+    float tail = 0.0f;
+    for (; i < n; ++i) tail += a[i] * b[i];
+    return (((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))) + tail;
+}
+
+// exp(x) for x <= 0: x = k·ln2 + f with |f| <= ln2/2, e^f by its degree-6 Taylor polynomial (relative
+// error < 2e-7), 2^k from exponent bits; x below -87 gives ~1e-38. Branch-free, so a loop over it
+// vectorises (std::exp does not, and dominated decode attention).
+inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+    const float f = (x - k * 0.693359375f) + k * 2.12194440e-4f;
+    float p = 1.0f / 720.0f;
+    p = p * f + 1.0f / 120.0f;
+    p = p * f + 1.0f / 24.0f;
+    p = p * f + 1.0f / 6.0f;
+    p = p * f + 0.5f;
+    p = p * f + 1.0f;
+    p = p * f + 1.0f;
+    const std::int32_t bits = (static_cast<std::int32_t>(k) + 127) * (1 << 23);
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+// The g query heads q[g, Dh] that share one KV head, over n keys: key(t) / value(t) give the t-th key and
+// value vector, each read once for all g heads. out[g, Dh] is softmax(scale · q·K^T) · V with
+// max-subtracted float scores; scores is scratch of >= g·n floats.
+template <class KeyAt, class ValueAt>
+inline void attend(const float* q, std::int64_t g, std::int64_t n, std::int64_t dh, float scale, KeyAt key,
+                   ValueAt value, float* scores, float* out) {
+    for (std::int64_t t = 0; t < n; ++t) {
+        const float* k = key(t);
+        for (std::int64_t h = 0; h < g; ++h) scores[h * n + t] = dot8(q + h * dh, k, dh) * scale;
+    }
+    for (std::int64_t h = 0; h < g; ++h) {
+        float* sh = scores + h * n;
+        float best = -INFINITY;
+        for (std::int64_t t = 0; t < n; ++t) best = std::max(best, sh[t]);
+        for (std::int64_t t = 0; t < n; ++t) sh[t] = exp_nonpositive(sh[t] - best);
+        float total = 0.0f;
+        for (std::int64_t t = 0; t < n; ++t) total += sh[t];
+        const float inv = 1.0f / total;
+        for (std::int64_t t = 0; t < n; ++t) sh[t] *= inv;
+    }
+    std::fill(out, out + g * dh, 0.0f);
+    for (std::int64_t t = 0; t < n; ++t) {
+        const float* v = value(t);
+        for (std::int64_t h = 0; h < g; ++h) {
+            const float w = scores[h * n + t];
+            float* o = out + h * dh;
+            for (std::int64_t i = 0; i < dh; ++i) o[i] += w * v[i];
         }
     }
+}
+
+// Per-thread scratch buffers (0: scores, 1: a roped query), grown on demand and kept.
+inline float* thread_scratch(std::size_t which, std::int64_t n) {
+    thread_local std::vector<float> buffers[2];
+    std::vector<float>& buffer = buffers[which];
+    if (static_cast<std::int64_t>(buffer.size()) < n) buffer.resize(static_cast<std::size_t>(n));
+    return buffer.data();
+}
+
+// Rows x KV heads are independent tasks on the core's thread pool.
+inline void decode_attention(const float* q, const float* k_cache, const float* v_cache, const std::int32_t* span,
+                             float scale, float* out, const AttentionShape& s) {
+    const std::int64_t group = s.heads / s.kv_heads, dh = s.head_dim;
+    default_pool().run(s.batch * s.kv_heads, [&](std::int64_t task) {
+        const std::int64_t b = task / s.kv_heads, kv = task % s.kv_heads;
+        const float* k = k_cache + (b * s.kv_heads + kv) * s.capacity * dh;
+        const float* v = v_cache + (b * s.kv_heads + kv) * s.capacity * dh;
+        const std::int64_t head = b * s.heads + kv * group;  // first query head of this KV head
+        attend(q + head * dh, group, span[b], dh, scale, [&](std::int64_t t) { return k + t * dh; },
+               [&](std::int64_t t) { return v + t * dh; }, thread_scratch(0, group * s.capacity), out + head * dh);
+    });
 }
 
 // x·cos + rotate_half(x)·sin for one head vector of even length d.
@@ -109,7 +163,6 @@ inline void rope_lookahead_attention(const float* qkv, const float* cos, const f
                                      const float* v_cache, const std::int32_t* positions, std::int64_t k_cand,
                                      float scale, float* out, float* k_new, float* v_new, const AttentionShape& s) {
     const std::int64_t dh = s.head_dim, stride = (s.heads + 2 * s.kv_heads) * dh, group = s.heads / s.kv_heads;
-    std::vector<float> q(static_cast<std::size_t>(dh)), scores(static_cast<std::size_t>(s.capacity + 1));
     for (std::int64_t b = 0; b < s.batch; ++b) {
         const std::int64_t p = positions[b];
         const float *c = cos + p * dh, *sn = sin + p * dh;
@@ -122,38 +175,21 @@ inline void rope_lookahead_attention(const float* qkv, const float* cos, const f
                           v_new + own);
             }
         }
-        for (std::int64_t j = 0; j < k_cand; ++j) {
-            const float* row = qkv + (b * k_cand + j) * stride;
-            for (std::int64_t h = 0; h < s.heads; ++h) {
-                const std::int64_t kv = h / group;
-                rope(row + h * dh, c, sn, q.data(), dh);
-                const float* keys = k_cache + (b * s.kv_heads + kv) * s.capacity * dh;
-                const float* vals = v_cache + (b * s.kv_heads + kv) * s.capacity * dh;
-                const float* own_k = k_new + ((b * s.kv_heads + kv) * k_cand + j) * dh;
-                const float* own_v = v_new + ((b * s.kv_heads + kv) * k_cand + j) * dh;
-                float best = -INFINITY;
-                for (std::int64_t t = 0; t <= p; ++t) {
-                    const float* key = t < p ? keys + t * dh : own_k;
-                    float dot = 0.0f;
-                    for (std::int64_t i = 0; i < dh; ++i) dot += q[i] * key[i];
-                    scores[t] = dot * scale;
-                    best = std::max(best, scores[t]);
-                }
-                float total = 0.0f;
-                for (std::int64_t t = 0; t <= p; ++t) {
-                    scores[t] = std::exp(scores[t] - best);
-                    total += scores[t];
-                }
-                float* o = out + (b * k_cand + j) * s.heads * dh + h * dh;
-                std::fill(o, o + dh, 0.0f);
-                for (std::int64_t t = 0; t <= p; ++t) {
-                    const float w = scores[t] / total;
-                    const float* value = t < p ? vals + t * dh : own_v;
-                    for (std::int64_t i = 0; i < dh; ++i) o[i] += w * value[i];
-                }
-            }
-        }
     }
+    default_pool().run(s.batch * k_cand * s.kv_heads, [&](std::int64_t task) {
+        const std::int64_t kv = task % s.kv_heads, j = (task / s.kv_heads) % k_cand, b = task / (s.kv_heads * k_cand);
+        const std::int64_t p = positions[b];
+        const float* row = qkv + (b * k_cand + j) * stride;
+        float* q = thread_scratch(1, group * dh);
+        for (std::int64_t h = 0; h < group; ++h) rope(row + (kv * group + h) * dh, cos + p * dh, sin + p * dh, q + h * dh, dh);
+        const float* keys = k_cache + (b * s.kv_heads + kv) * s.capacity * dh;
+        const float* vals = v_cache + (b * s.kv_heads + kv) * s.capacity * dh;
+        const float* own_k = k_new + ((b * s.kv_heads + kv) * k_cand + j) * dh;
+        const float* own_v = v_new + ((b * s.kv_heads + kv) * k_cand + j) * dh;
+        attend(q, group, p + 1, dh, scale, [&](std::int64_t t) { return t < p ? keys + t * dh : own_k; },
+               [&](std::int64_t t) { return t < p ? vals + t * dh : own_v; }, thread_scratch(0, group * (s.capacity + 1)),
+               out + (b * k_cand + j) * s.heads * dh + kv * group * dh);
+    });
 }
 
 }  // namespace lenvm
