@@ -151,23 +151,30 @@ class CausalLM:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Last hidden states [..., D] (before the final norm) -> fp32 logits [..., V]."""
-        return self._linear(self.normed(x), self.w.lm_head).float()
+        return self.lm_logits(self.normed(x))
+
+    def lm_logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [..., D] -> fp32 logits [..., V]."""
+        return self._linear(normed, self.w.lm_head).float()
 
     # ---- prefill ----------------------------------------------------------------------------
-    def prefill(self, ids: torch.Tensor, lengths: list[int], *, all_positions: bool = False) -> torch.Tensor:
-        """Run right-padded prompts ids[B, S] into cache slots 0..B-1 from position 0.
+    def prefill(self, ids: torch.Tensor, lengths: list[int], *, all_positions: bool = False,
+                slots: list[int] | None = None) -> torch.Tensor:
+        """Run right-padded prompts ids[B, S] into cache slots 0..B-1 (or `slots`) from position 0.
 
         Returns last hidden states (before the final norm) at each row's last prompt token, x[B, D],
-        or at every position, x[B, S, D], when all_positions is set.
+        or at every position, x[B, S, D], when all_positions is set. With `slots`, the other rows of
+        the cache are left as they are (a continuous batch refills finished rows this way).
         """
         B, S = ids.shape
         cfg = self.cfg
         cos, sin = self._cos[:S], self._sin[:S]  # [S, Dh], broadcast over [B, H, S, Dh]
+        rows = slice(0, B) if slots is None else torch.tensor(slots, device=ids.device)
         x = F.embedding(ids, self.w.embed)  # [B, S, D]
         for i, layer in enumerate(self.w.layers):
             q, k, v = self._qkv(layer, x, cos, sin)
-            self.k_cache[i][:B, :, :S] = k
-            self.v_cache[i][:B, :, :S] = v
+            self.k_cache[i][rows, :, :S] = k
+            self.v_cache[i][rows, :, :S] = v
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
             x = self._mlp_residual(layer, x, attn.transpose(1, 2).reshape(B, S, cfg.num_heads * cfg.head_dim))
         if all_positions:

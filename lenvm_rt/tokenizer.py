@@ -8,6 +8,7 @@ adding special tokens, as transformers' `apply_chat_template` does.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from datetime import datetime
@@ -117,6 +118,14 @@ class Tokenizer:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
         return env.from_string(self.chat_template)
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    """A digest of the vocabulary (token -> id, added tokens included) and the EOS token: equal for
+    tokenizers that turn text into the same ids, different otherwise."""
+    vocab = sorted(tokenizer.vocab.items(), key=lambda item: item[1])
+    payload = json.dumps([vocab, tokenizer.eos_token], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
 
 
 class IncrementalDecoder:
