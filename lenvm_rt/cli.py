@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from .cli_train import add_training_commands
 from .config import Sampling
 
 
@@ -159,27 +160,49 @@ DEMO_PROMPTS = [
     "In one sentence, what is a length value model?",
     "Write a haiku about the sea.",
 ]
+DEMO_GUIDED_PROMPT = "Explain why the sky is blue."
+DEMO_TARGETS = (("equal", 16), ("equal", 48), ("at-most", 24), ("at-least", 96))
+
+
+def _response_tokens(g) -> int:
+    return g.num_tokens - (g.finish_reason == "stop")
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
     _threads(a.threads)
+    from .config import LengthTarget
+    from .default_model import DEFAULT_HEAD_DIR
     from .runtime import load
 
+    guided = a.model == "default" and (DEFAULT_HEAD_DIR / "value_head.safetensors").is_file()
     print(f"loading {a.model} ...", file=sys.stderr)
-    rt = load(a.model, device=a.device, dtype=a.dtype)
+    rt = load(a.model, value_model="default" if guided else None, device=a.device, dtype=a.dtype)
     print(f"model: {rt.directory}  ({rt.config.num_layers} layers, hidden {rt.config.hidden_size}, "
           f"{rt.device}, {str(rt.dtype).removeprefix('torch.')})\n")
     for text in DEMO_PROMPTS:
+        chat = [{"role": "user", "content": text}]
         print(f">>> {text}")
+        if guided:
+            print(f"[predicted length: {rt.predict_length(chat)[0]:.0f} tokens]")
         start, count = time.perf_counter(), 0
         reason = None
-        for event in rt.stream([{"role": "user", "content": text}], max_new_tokens=a.max_new_tokens,
-                               sampling=Sampling(temperature=0)):
+        for event in rt.stream(chat, max_new_tokens=a.max_new_tokens, sampling=Sampling(temperature=0)):
             sys.stdout.write(event.text)
             sys.stdout.flush()
             count, reason = count + 1, event.finish_reason
         elapsed = time.perf_counter() - start
         print(f"\n[{count} tokens, finish={reason}, {count / elapsed:.1f} tok/s]\n")
+    if not guided:
+        return 0
+    chat = [{"role": "user", "content": DEMO_GUIDED_PROMPT}]
+    print(f">>> {DEMO_GUIDED_PROMPT}   (length control with the default value head, γ = {rt.gamma:.4f})")
+    plain = rt.generate(chat, max_new_tokens=2 * a.max_new_tokens, sampling=Sampling(temperature=0))
+    print(f"[unguided: {_response_tokens(plain)} tokens] {plain.text.strip()}\n")
+    for constraint, n in DEMO_TARGETS:
+        target = {"equal": LengthTarget.equal, "at-most": LengthTarget.at_most, "at-least": LengthTarget.at_least}
+        g = rt.generate(chat, max_new_tokens=2 * n + 32, sampling=Sampling(temperature=0),
+                        length=target[constraint](n))
+        print(f"[{constraint} {n}: {_response_tokens(g)} tokens] {g.text.strip()}\n")
     return 0
 
 
@@ -279,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     vh.add_argument("--out", default="benchmarks/results/bench_value_head.json")
     vh.add_argument("--json", action="store_true", help="print the results as JSON")
     vh.set_defaults(func=cmd_bench_value_head)
+    add_training_commands(sub)
     return parser
 
 
@@ -286,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

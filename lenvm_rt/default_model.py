@@ -39,11 +39,20 @@ ENV_GGUF = "LENVM_RT_SMOLLM2_GGUF"
 ENV_WHEEL = "LENVM_RT_SMOLLM2_WHEEL"
 
 _FETCH_PREFIX = ".fetch-"
+DEFAULT_HEAD_DIR = Path(__file__).parent / "default_head"  # value_head.safetensors + lenvm_config + manifest
 
 
 def lenvm_rt_home() -> Path:
     """Root of lenvm_rt's cache: $LENVM_RT_HOME, else ~/.cache/lenvm_rt."""
     return Path(os.environ.get(ENV_HOME) or "~/.cache/lenvm_rt").expanduser()
+
+
+def default_head_dir(policy_dir: Path) -> Path:
+    """The value head shipped inside the package for the default model (`load("default", value_model="default")`)."""
+    if policy_dir.resolve() != (lenvm_rt_home() / "models" / DEFAULT_MODEL_NAME).resolve():
+        raise ValueError(f"value_model='default' is the head trained for the default model ({DEFAULT_MODEL_NAME}); "
+                         f"policy {policy_dir} needs its own value model")
+    return DEFAULT_HEAD_DIR
 
 
 def default_model_dir(*, progress: bool = True) -> Path:

@@ -82,8 +82,9 @@ def load(policy: str | os.PathLike[str], value_model: str | os.PathLike[str] | N
          gamma: float | None = None, max_context: int | None = None) -> Runtime:
     """Load a policy checkpoint (directory, hub id or "default": the embedded SmolLM2-135M-Instruct).
 
-    value_model: a LenVM directory (backbone + value_head.safetensors: a separate value model) or a
-    value_head.safetensors file / head-only directory (a head on the policy's own trunk). gamma
+    value_model: a LenVM directory (backbone + value_head.safetensors: a separate value model), a
+    value_head.safetensors file / head-only directory (a head on the policy's own trunk), or "default":
+    the head shipped for the default model (trained on its frozen trunk; only with that policy). gamma
     overrides the discount recorded in the value model's checkpoint (required when it has none).
     """
     if str(policy) == "default":
@@ -101,6 +102,10 @@ def load(policy: str | os.PathLike[str], value_model: str | os.PathLike[str] | N
     tokenizer = Tokenizer(directory)
     if value_model is None and gamma is not None:
         raise ValueError("gamma was given without a value model")
+    if value_model is not None and str(value_model) == "default":
+        from .default_model import default_head_dir
+
+        value_model = default_head_dir(directory)
     source = locate(value_model) if value_model is not None else None
     model = CausalLM(cfg, load_weights(directory, cfg, device=dev, dtype=torch_dtype))
     value = None
