@@ -34,6 +34,10 @@ def cmd_rollouts(a: argparse.Namespace) -> int:
                                capture_hidden=not a.no_hidden)
     settings.check()
     prompts = read_prompts(a.prompts)
+    if a.limit is not None:
+        if a.limit < 1:
+            raise ValueError(f"--limit must be >= 1; got {a.limit}")
+        prompts = prompts[:a.limit]
     rt = _load(a)
     summary = sample_rollouts(rt, prompts, a.out, settings, progress=not a.no_progress)
     print(json.dumps(summary, indent=None if a.json else 2))
@@ -87,6 +91,7 @@ def add_training_commands(sub: Any) -> None:
     ro.add_argument("--max-tokens", type=int, default=1024, help="cap; cut completions are marked censored")
     ro.add_argument("--batch", type=int, default=16, help="rows decoded together (continuous batching)")
     ro.add_argument("--seed", type=int, default=0)
+    ro.add_argument("--limit", type=int, default=None, help="only the first N prompts of the file")
     ro.add_argument("--no-hidden", action="store_true", help="do not capture hidden states for head training")
     ro.add_argument("--no-progress", action="store_true")
     ro.add_argument("--json", action="store_true", help="print the summary as one line of JSON")

@@ -203,6 +203,8 @@ def build_prompt_mix(train: MixSizes, heldout: MixSizes, *, gsm8k: str | os.Path
                 content = template.format(**{key: text})
                 out[split].append({"id": f"{domain}-{split}-{i}", "domain": domain, "split": split,
                                    "messages": [{"role": "user", "content": content}]})
+    for records in out.values():  # domains interleaved, so any prefix of a file is a balanced mix
+        rng.shuffle(records)
     return out["train"], out["heldout"]
 
 

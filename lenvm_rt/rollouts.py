@@ -1,6 +1,6 @@
 """Rollouts: sampled completions of the policy, the raw material of value pretraining (LENVM.md §3).
 
-    prompts = read_prompts("prompts.jsonl")          # {"id", "messages"|"prompt", "domain"?, "split"?}
+    prompts = read_prompts("prompts.jsonl")   # {"id", "messages" | "prompt" (a user message), "domain"?, "split"?}
     sample_rollouts(runtime, prompts, "runs/r1", RolloutSettings(samples=8, max_tokens=1024, batch=64))
 
 Output directory (append-only, so an interrupted run resumes where it stopped):
@@ -111,6 +111,8 @@ def read_prompts(path: str | os.PathLike[str]) -> list[PromptRecord]:
             prompt = row.get("messages", row.get("prompt"))
             if not (isinstance(prompt, str) and prompt) and not (isinstance(prompt, list) and prompt):
                 raise ValueError(f"{p}:{number}: needs a non-empty 'prompt' (text) or 'messages' (chat)")
+            if isinstance(prompt, str):  # a text prompt is the user's message, as the model was tuned to see it
+                prompt = [{"role": "user", "content": prompt}]
             rid = str(row.get("id", number))
             if rid in seen:
                 raise ValueError(f"{p}:{number}: duplicate id {rid!r}")
