@@ -8,7 +8,7 @@
     lenvm-rt bench guided [--json] ...              guided vs plain, both configurations, vs the reference
     lenvm-rt bench value-head [--json] ...          the value read's cost on top of a decode step
     lenvm-rt prompt-mix | rollouts | train ...      value pretraining (cli_train.py)
-    lenvm-rt eval lifebench | tradeoff | mre | length-tokens | make-arithmetic ...   evaluation suites
+    lenvm-rt eval lifebench | tradeoff | mre | length-tokens | report ...   evaluation suites
 
 Bad arguments and bad inputs print one `error: ...` line and exit with status 2.
 """
@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 from .cli_eval import add_eval_commands
 from .cli_eval_lifebench import add_lifebench_command
+from .cli_eval_report import add_report_command
 from .cli_train import add_training_commands
 from .config import Sampling
 
@@ -307,10 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     vh.add_argument("--json", action="store_true", help="print the results as JSON")
     vh.set_defaults(func=cmd_bench_value_head)
     add_training_commands(sub)
-    ev = sub.add_parser("eval", help="evaluation suites: lifebench, tradeoff, mre, length-tokens, make-arithmetic")
+    ev = sub.add_parser("eval", help="evaluation suites: lifebench, tradeoff, mre, length-tokens, make-arithmetic, report")
     eval_sub = ev.add_subparsers(dest="eval", required=True)
     add_eval_commands(eval_sub)
     add_lifebench_command(eval_sub)
+    add_report_command(eval_sub)
     return parser
 
 

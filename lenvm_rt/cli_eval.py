@@ -47,7 +47,8 @@ def cmd_tradeoff(a: argparse.Namespace) -> int:
     settings.check()
     rows = load_questions(a.data, limit=a.limit)
     _warn(rows.errors)
-    record = run_tradeoff(_load(a), rows.items, a.out, settings, progress=not a.no_progress, skipped=rows.errors)
+    record = run_tradeoff(_load(a), rows.items, a.out, settings, progress=not a.no_progress, skipped=rows.errors,
+                          data=str(a.data))
     return _report(a, record, table(record["results"]), ["tradeoff.json", "tradeoff.png", "tradeoff_samples.jsonl"])
 
 

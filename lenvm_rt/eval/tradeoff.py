@@ -166,7 +166,8 @@ def _open_run(out: Path, key: dict[str, Any]) -> None:
 
 
 def run_tradeoff(runtime: Runtime, questions: Sequence[Record], out_dir: str | os.PathLike[str],
-                 settings: TradeoffSettings, *, progress: bool = True, skipped: Sequence[str] = ()) -> dict[str, Any]:
+                 settings: TradeoffSettings, *, progress: bool = True, skipped: Sequence[str] = (),
+                 data: str | None = None) -> dict[str, Any]:
     """Sample what is missing, then write tradeoff.json and tradeoff.png to out_dir; returns the JSON record."""
     from ..bench.report import write_record
 
@@ -204,7 +205,7 @@ def run_tradeoff(runtime: Runtime, questions: Sequence[Record], out_dir: str | o
     bar.close()
     results = summarize(done, questions, settings)
     results["skipped_lines"] = list(skipped)
-    config = {**asdict(settings), **_config_key(runtime, settings), "questions": len(questions),
+    config = {**asdict(settings), **_config_key(runtime, settings), "data": data, "questions": len(questions),
               "prompt": "math template (\\boxed{}) as a chat user message", "answer_extraction": CONVENTION,
               "length_counter": LENGTH_COUNTER}
     record = write_record(out / "tradeoff.json", "eval-tradeoff", config, results)
