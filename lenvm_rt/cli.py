@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     vh.add_argument("--json", action="store_true", help="print the results as JSON")
     vh.set_defaults(func=cmd_bench_value_head)
     add_training_commands(sub)
-    ev = sub.add_parser("eval", help="evaluation suites: lifebench, tradeoff, mre, length-tokens, make-arithmetic, report")
+    ev = sub.add_parser("eval", help="evaluation suites (lifebench, tradeoff, mre, length-tokens, report, ...)")
     eval_sub = ev.add_subparsers(dest="eval", required=True)
     add_eval_commands(eval_sub)
     add_lifebench_command(eval_sub)
