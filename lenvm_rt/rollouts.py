@@ -19,6 +19,7 @@ batch size, order or resumption. Rows run as a continuous batch: a finished row 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -136,16 +137,21 @@ def read_rollouts(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], li
     out: list[Rollout] = []
     with open(rollouts_path, encoding="utf-8") as fh:
         lines = fh.read().split("\n")
+    lines.pop()  # after the last newline: empty, or the torn tail of an interrupted write
+    fields = {f.name for f in dataclasses.fields(Rollout)}
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            if number == len(lines):  # torn tail of an interrupted run
-                break
             raise ValueError(f"{rollouts_path}:{number}: not valid JSON") from None
+        if not isinstance(row, dict) or not {"id", "sample", "prompt_ids"} <= set(row):
+            raise ValueError(f"{rollouts_path}:{number}: not a completion record")
         row.pop("length", None)
+        unknown = set(row) - fields
+        if unknown:
+            raise ValueError(f"{rollouts_path}:{number}: unknown fields {sorted(unknown)}")
         out.append(Rollout(**row))
     return manifest, out
 
@@ -198,10 +204,10 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def rollout_manifest(runtime: Runtime, prompts_digest: str, settings: RolloutSettings) -> dict[str, Any]:
     cfg = runtime.config
-    key = {"settings": asdict(settings), "prompts": prompts_digest,
-           "tokenizer": tokenizer_fingerprint(runtime.tokenizer), "hidden_size": cfg.hidden_size,
-           "policy": str(runtime.directory)}
-    return {"format": FORMAT, **key, "eos_token_ids": sorted(runtime.eos_token_ids),
+    output = {k: v for k, v in asdict(settings).items() if k != "batch"}  # what decides the completions
+    key = {"settings": output, "prompts": prompts_digest, "tokenizer": tokenizer_fingerprint(runtime.tokenizer),
+           "hidden_size": cfg.hidden_size, "policy": str(Path(runtime.directory).resolve())}
+    return {"format": FORMAT, **key, "settings": asdict(settings), "eos_token_ids": sorted(runtime.eos_token_ids),
             "resume_key": hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()}
 
 
@@ -233,7 +239,7 @@ def sample_rollouts(runtime: Runtime, prompts: Sequence[PromptRecord], out_dir: 
     encoded = []
     for record in prompts:
         ids = runtime.encode(record.prompt)
-        if len(ids) + settings.max_tokens + 1 > runtime.max_context:
+        if len(ids) + settings.max_tokens > runtime.max_context:
             raise ValueError(f"prompt {record.id!r} ({len(ids)} tokens) + max_tokens ({settings.max_tokens}) "
                              f"exceeds the context of {runtime.max_context} tokens")
         encoded.append(ids)

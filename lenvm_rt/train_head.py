@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -91,12 +92,18 @@ def split_features(runtime: Runtime, split: Split, cache: Path, *, progress: boo
 
 
 def _computed_features(runtime: Runtime, split: Split, cache: Path, *, progress: bool) -> list[np.ndarray]:
+    """Prefill features, cached in `cache` beside a key of the rollouts and the policy that made them."""
     from tqdm.auto import tqdm
 
     D, model = runtime.config.hidden_size, runtime.model
     sizes = [e.rollout.length + 1 for e in split.examples]
     total = sum(sizes)
-    if not (cache.is_file() and cache.stat().st_size == total * D * 2):
+    key_file = cache.with_suffix(".json")
+    key = {"rollouts": split.manifest.get("resume_key"), "policy": str(Path(runtime.directory).resolve()),
+           "tokenizer": tokenizer_fingerprint(runtime.tokenizer), "rows": total, "dtype": str(runtime.dtype)}
+    fresh = cache.is_file() and key_file.is_file() and json.loads(key_file.read_text(encoding="utf-8")) == key
+    if not fresh:
+        key_file.unlink(missing_ok=True)
         out = np.memmap(cache.with_suffix(".partial"), dtype=np.float16, mode="w+", shape=(total, D))
         offset = 0
         with torch.inference_mode():
@@ -110,6 +117,7 @@ def _computed_features(runtime: Runtime, split: Split, cache: Path, *, progress:
         out.flush()
         del out
         cache.with_suffix(".partial").replace(cache)
+        key_file.write_text(json.dumps(key), encoding="utf-8")
     rows = np.memmap(cache, dtype=np.float16, mode="r").reshape(total, D)
     starts = np.concatenate([[0], np.cumsum(sizes)])
     return [rows[starts[i]:starts[i + 1]] for i in range(len(sizes))]
@@ -150,6 +158,14 @@ def train_head(runtime: Runtime, train_dir: str | os.PathLike[str], val_dir: str
         gamma = p99_gamma([r.length for r in read_split(train_dir, fingerprint)[1]])
     train = load_split(train_dir, fingerprint, gamma, settings.censoring)
     val = load_split(val_dir, fingerprint, gamma, settings.censoring)
+    checkpoint = out / CHECKPOINT_FILE
+    run_key = {"settings": asdict(settings), "gamma": gamma, "train": train.manifest["resume_key"],
+               "val": val.manifest["resume_key"], "policy": str(Path(runtime.directory).resolve())}
+    state = None
+    if resume and checkpoint.is_file():  # checked before any feature work, so a mismatch fails fast
+        state = torch.load(checkpoint, weights_only=False)
+        if state["run_key"] != run_key:
+            raise ValueError(f"{checkpoint} belongs to another run (other data or settings); use a new --out")
     x_train, t_train, starts = _flatten(train, split_features(runtime, train, out / "features-train.f16",
                                                               progress=progress))
     val_feats = split_features(runtime, val, out / "features-val.f16", progress=progress)
@@ -162,13 +178,7 @@ def train_head(runtime: Runtime, train_dir: str | os.PathLike[str], val_dir: str
     warmup = max(1, int(settings.warmup * total))
     history: list[dict[str, Any]] = []
     first_epoch = 0
-    checkpoint = out / CHECKPOINT_FILE
-    run_key = {"settings": asdict(settings), "gamma": gamma, "train": train.manifest["resume_key"],
-               "val": val.manifest["resume_key"]}
-    if resume and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
-        if state["run_key"] != run_key:
-            raise ValueError(f"{checkpoint} belongs to another run (other data or settings); use a new --out")
+    if state is not None:
         head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
         history, first_epoch = state["history"], state["epoch"]
@@ -191,13 +201,14 @@ def train_head(runtime: Runtime, train_dir: str | os.PathLike[str], val_dir: str
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), settings.grad_clip)
             optimizer.step()
-            train_loss, train_count = train_loss + float(loss_sum), train_count + rows.numel()
+            train_loss, train_count = train_loss + float(loss_sum.detach()), train_count + rows.numel()
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
         metrics = validation_metrics(val, predict_logits(head, val_feats), gamma)
         history.append({"epoch": epoch + 1, "train_loss": train_loss / train_count, "val": metrics})
-        bar.write(f"epoch {epoch + 1}: train loss {train_loss / train_count:.5f}  val loss {metrics['loss']:.5f}  "
-                  f"MRE {metrics['mre']:.3f}  {json.dumps(metrics['mre_by_domain'])}")
+        if progress:
+            bar.write(f"epoch {epoch + 1}: train loss {train_loss / train_count:.5f}  val loss {metrics['loss']:.5f}  "
+                      f"MRE {metrics['mre']:.3f}  {json.dumps(metrics['mre_by_domain'])}", file=sys.stderr)
         torch.save({"run_key": run_key, "head": head.state_dict(), "optimizer": optimizer.state_dict(),
                     "history": history, "epoch": epoch + 1}, checkpoint)
     bar.close()
