@@ -11,11 +11,13 @@ censoring="as-ended" reproduces the reference's behaviour.
 
     targets, mask = dense_targets(length, finish_reason, gamma)        # float64 [length + 1], bool
     gamma = p99_gamma(lengths)        # γ = 0.01^(1/L_0.99); cut completions count with their cap
+    gamma = choose_gamma(rollouts)    # the p99 rule, or half the cap when over 1% were cut (below)
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +25,7 @@ from .value_math import check_gamma
 
 CENSOR_EPSILON = 0.01
 CENSORING_MODES = ("censor", "as-ended")
+GAMMA_RULE = "p99 of the training completions (half the cap when over 1% were cut)"
 
 
 def censor_horizon(gamma: float, eps: float = CENSOR_EPSILON) -> int:
@@ -58,3 +61,19 @@ def p99_gamma(lengths: Sequence[int], quantile: float = 0.99) -> float:
     if level < 2:
         raise ValueError(f"the {quantile:.0%} length is {level:g} tokens; too short to choose γ")
     return 0.01 ** (1.0 / level)
+
+
+def choose_gamma(rollouts: Sequence[Any]) -> float:
+    """γ for training on completions with .length and .finish_reason.
+
+    The p99 rule when at most 1% of them were cut at the cap. Otherwise L_0.99 lies beyond the cap and
+    the rule would put the censoring horizon H at the cap itself, so that every cut completion, the
+    longest ones, would drop out of training and bias the head short; instead γ = 0.01^(1/(C/2)) for
+    the cap C, so H = C/2 and each cut completion still trains its first half with target −1.
+    """
+    if len(rollouts) == 0:
+        raise ValueError("no completions to choose γ from")
+    cut = [r.length for r in rollouts if r.finish_reason == "length"]
+    if len(cut) <= 0.01 * len(rollouts):
+        return p99_gamma([r.length for r in rollouts])
+    return 0.01 ** (1.0 / max(2.0, min(cut) / 2.0))

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .model import right_padded, rope_inv_freq
 from .rollouts import Rollout
-from .targets import CENSORING_MODES, p99_gamma
+from .targets import CENSORING_MODES, GAMMA_RULE, choose_gamma
 from .tokenizer import Tokenizer, tokenizer_fingerprint
 from .train_head import FORMAT, ValueHead
 from .training import MANIFEST_FILE, Split, half_mse, load_split, lr_at, read_split, save_head, validation_metrics
@@ -60,7 +60,7 @@ class FullTrainSettings:
     warmup: float = 0.05  # share of the updates
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    gamma: float | None = None  # None: the p99 rule on the training completions
+    gamma: float | None = None  # None: targets.choose_gamma on the training completions
     censoring: str = "censor"
     seed: int = 0
     micro_batch: int = 4  # completions per forward (gradient accumulation; the loss is the same)
@@ -292,7 +292,7 @@ def train_full(model: str | os.PathLike[str], train_dir: str | os.PathLike[str],
     fingerprint = tokenizer_fingerprint(tokenizer)
     gamma = settings.gamma
     if gamma is None:
-        gamma = p99_gamma([r.length for r in read_split(train_dir, fingerprint)[1]])
+        gamma = choose_gamma(read_split(train_dir, fingerprint)[1])
     train = load_split(train_dir, fingerprint, gamma, settings.censoring)
     val = load_split(val_dir, fingerprint, gamma, settings.censoring)
     _check_ids(train, cfg)
@@ -361,7 +361,7 @@ def train_full(model: str | os.PathLike[str], train_dir: str | os.PathLike[str],
     manifest = {
         "format": FORMAT, "mode": "full", "policy": str(policy_dir), "backbone": str(backbone_dir),
         "tokenizer": fingerprint, "dtype": "float32",
-        "gamma": gamma, "gamma_rule": "given" if settings.gamma is not None else "p99 of the training completions",
+        "gamma": gamma, "gamma_rule": "given" if settings.gamma is not None else GAMMA_RULE,
         "settings": asdict(settings),
         "data": {name: {"rollouts": str(s.directory), **s.stats, "rollout_settings": s.manifest.get("settings"),
                         "resume_key": s.manifest.get("resume_key")} for name, s in (("train", train), ("val", val))},

@@ -28,7 +28,7 @@ from torch import nn
 
 from .rollouts import HIDDEN_FILE
 from .runtime import Runtime
-from .targets import CENSORING_MODES, p99_gamma
+from .targets import CENSORING_MODES, GAMMA_RULE, choose_gamma
 from .tokenizer import tokenizer_fingerprint
 from .training import Split, half_mse, load_split, lr_at, read_split, save_head, validation_metrics
 from .value_math import check_gamma
@@ -45,7 +45,7 @@ class TrainSettings:
     warmup: float = 0.05  # share of the updates
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    gamma: float | None = None  # None: the p99 rule on the training completions
+    gamma: float | None = None  # None: targets.choose_gamma on the training completions
     censoring: str = "censor"
     seed: int = 0
 
@@ -155,7 +155,7 @@ def train_head(runtime: Runtime, train_dir: str | os.PathLike[str], val_dir: str
     out.mkdir(parents=True, exist_ok=True)
     gamma = settings.gamma
     if gamma is None:
-        gamma = p99_gamma([r.length for r in read_split(train_dir, fingerprint)[1]])
+        gamma = choose_gamma(read_split(train_dir, fingerprint)[1])
     train = load_split(train_dir, fingerprint, gamma, settings.censoring)
     val = load_split(val_dir, fingerprint, gamma, settings.censoring)
     checkpoint = out / CHECKPOINT_FILE
@@ -214,7 +214,7 @@ def train_head(runtime: Runtime, train_dir: str | os.PathLike[str], val_dir: str
     bar.close()
     manifest = {
         "format": FORMAT, "mode": "head", "policy": str(runtime.directory), "tokenizer": fingerprint,
-        "gamma": gamma, "gamma_rule": "given" if settings.gamma is not None else "p99 of the training completions",
+        "gamma": gamma, "gamma_rule": "given" if settings.gamma is not None else GAMMA_RULE,
         "settings": asdict(settings),
         "data": {"train": {"rollouts": str(train.directory), **train.stats, **_rollout_settings(train)},
                  "val": {"rollouts": str(val.directory), **val.stats, **_rollout_settings(val)}},

@@ -136,3 +136,28 @@ def test_p99_gamma_bad_input():
         p99_gamma([])
     with pytest.raises(ValueError):
         p99_gamma([1, 1, 1])  # a 1-token 99th percentile cannot set a horizon
+
+
+def test_choose_gamma_is_the_p99_rule_without_censoring():
+    from types import SimpleNamespace
+
+    from lenvm_rt.targets import choose_gamma
+
+    rows = [SimpleNamespace(length=n, finish_reason="stop") for n in range(1, 201)]
+    assert choose_gamma(rows) == p99_gamma([r.length for r in rows])
+
+
+def test_choose_gamma_keeps_cut_completions_trainable():
+    from types import SimpleNamespace
+
+    from lenvm_rt.targets import choose_gamma
+
+    rows = [SimpleNamespace(length=n, finish_reason="stop") for n in range(10, 90)]
+    rows += [SimpleNamespace(length=512, finish_reason="length") for _ in range(20)]  # 20% cut at 512
+    gamma = choose_gamma(rows)
+    assert gamma == pytest.approx(0.01 ** (1 / 256), rel=1e-12)
+    assert censor_horizon(gamma) in (256, 257)  # ceil of a float that is 256 up to rounding
+    targets, mask = dense_targets(512, "length", gamma)
+    assert mask.sum() >= 256 and (targets[mask] == -1.0).all()
+    with pytest.raises(ValueError, match="no completions"):
+        choose_gamma([])

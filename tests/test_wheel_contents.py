@@ -40,5 +40,7 @@ def test_wheel_contents(tmp_path: Path) -> None:
         names = archive.namelist()
     assert "lenvm_rt/kernels/__init__.py" in names
     assert "lenvm_rt/_core.pyi" in names
+    for name in ("value_head.safetensors", "lenvm_config.json", "manifest.json"):  # the default model's head
+        assert f"lenvm_rt/default_head/{name}" in names
     assert fnmatch.filter(names, "lenvm_rt/_core*.so")
     assert not [n for n in names if n.startswith("kernels/")]
