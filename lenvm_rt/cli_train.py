@@ -109,7 +109,8 @@ def add_training_commands(sub: Any) -> None:
     tr.add_argument("--batch", type=int, default=8, help="completions per update")
     tr.add_argument("--lr", type=float, default=None, help="peak learning rate (head 1e-3, full 2e-5)")
     tr.add_argument("--warmup", type=float, default=0.05, help="warm-up share of the updates")
-    tr.add_argument("--gamma", type=float, default=None, help="discount (default: the p99 rule, or half the cap when over 1%% were cut)")
+    tr.add_argument("--gamma", type=float, default=None,
+                    help="discount (default: the p99 rule, or half the cap when over 1%% were cut)")
     tr.add_argument("--censoring", choices=["censor", "as-ended"], default="censor",
                     help="cut completions: censored targets (default) or the reference's 'as ended'")
     tr.add_argument("--seed", type=int, default=0)
