@@ -67,7 +67,8 @@ def _load(a: argparse.Namespace):
 
 def _value_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--value-model", required=required,
-                   help="LenVM directory (backbone + value_head.safetensors) or a value_head.safetensors file")
+                   help="LenVM directory (backbone + value_head.safetensors), a value_head.safetensors "
+                   "file, or 'default' (the head shipped for the default model)")
     p.add_argument("--gamma", type=float, default=None, help="discount, when the checkpoint does not record it")
 
 

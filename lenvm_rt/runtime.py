@@ -5,6 +5,7 @@
     rt.generate_batch(prompts, *, max_new_tokens=256, sampling=..., length=..., tilt=...) -> list[Generation]
     for event in rt.stream(prompt, *, ...): event.token_id, event.text, event.remaining
     rt.token_values(prompt, response) -> TokenValues;  rt.predict_length(prompts) -> list[float];  rt.gamma
+    rt.text_quality(prompt, response) -> TextQuality (the policy's own NLL / rank / probability, 4-gram repetition)
 
 A prompt is text (encoded as is, with the tokenizer's own special tokens), a list of chat messages
 (rendered with the checkpoint's chat template and a generation prompt), or a list of token ids.
@@ -27,6 +28,7 @@ from .config import Generation, LengthTarget, ModelConfig, Sampling
 from .decode import Emitted, decode
 from .guidance import Guidance
 from .model import CausalLM
+from .quality import TextQuality, text_quality
 from .tokenizer import IncrementalDecoder, Message, Tokenizer
 from .value_model import locate
 from .values import TokenValues, ValueModel, predict_lengths, token_values
@@ -172,6 +174,17 @@ class Runtime:
         if total > self.max_context:
             raise ValueError(f"prompt + response ({total} tokens) exceed the context of {self.max_context} tokens")
         return token_values(vm, self.model, self.tokenizer, prompt_ids, response_ids, self.eos_token_ids)
+
+    def text_quality(self, prompt: Prompt, response: str | Sequence[int]) -> TextQuality:
+        """The policy's own NLL, rank and probability of a response's tokens, and its 4-gram repetition.
+
+        response is text (encoded without special tokens) or token ids; a trailing EOS id is scored
+        (lenvm_rt/quality.py). Needs no value model; ValueError on an empty or too long response.
+        """
+        prompt_ids = self.encode(prompt)
+        if isinstance(response, str):
+            response = self.tokenizer.encode(response, add_special_tokens=False)
+        return text_quality(self.model, prompt_ids, response, self.eos_token_ids, max_context=self.max_context)
 
     def predict_length(self, prompts: Prompt | Sequence[Prompt]) -> list[float]:
         """Predicted generation length (tokens, EOS counted) of each prompt, from its boundary state.

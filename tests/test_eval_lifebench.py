@@ -21,6 +21,7 @@ from lenvm_rt.eval.lifebench import (
     read_units,
 )
 from lenvm_rt.eval.lifebench_score import score_series, summarize
+from lenvm_rt.quality import FIELDS as QUALITY_FIELDS
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lifebench" / "data_lite.jsonl"
 EN_TASK = ("[Instruction] Answer this question: \n What is a fox? \n\n"
@@ -150,7 +151,13 @@ def setup(tmp_path_factory):
 
 @pytest.fixture
 def torch_value_head(monkeypatch):
-    """The value head's torch reference rather than the Triton interpreter on CPU: same values, much faster."""
+    """The value head's torch reference rather than the Triton interpreter on CPU: same values, much faster.
+
+    The kernel module is imported first, so that it is built under the session's interpreter setting and
+    stays usable for later tests; only the per-call dispatch sees TRITON_INTERPRET=0.
+    """
+    import lenvm_rt.kernels.value_head  # noqa: F401
+
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
@@ -182,6 +189,7 @@ def test_guided_and_unguided_runs_write_results_table_and_plot(setup, tmp_path, 
     assert f"{data}:2:" in captured.err and "line skipped" in captured.err
     assert "LIFEBench (tokens), guided, 4 units" in captured.out
     assert "equal" in captured.out and "at_least" in captured.out and "avg LS" in captured.out
+    assert "NLL" in captured.out and "rep4" in captured.out and "beside the" not in captured.out  # no unguided yet
 
     records = _lines(out / "lifebench_guided.jsonl")
     assert len(records) == 4 * 2 * 3
@@ -197,6 +205,9 @@ def test_guided_and_unguided_runs_write_results_table_and_plot(setup, tmp_path, 
         assert r["filtered"] or r["score"] == pytest.approx(length_score(r["deviation"], r["constraint"]))
         assert r["max_new_tokens"] == max_new_tokens_for(r["constraint"], r["target"])
         assert isinstance(r["text"], str)
+        assert all(math.isfinite(r[k]) for k in QUALITY_FIELDS), r  # the policy's judgement of every output
+        assert r["nll"] > 0 and 1 <= r["mean_rank"] <= 384 and 0 < r["mean_prob"] < 1
+        assert 0 <= r["repetition_rate"] < 1
 
     summary = json.loads((out / "lifebench_guided.json").read_text())
     assert summary["benchmark"] == "lifebench" and {"machine", "versions"} <= set(summary)
@@ -207,11 +218,25 @@ def test_guided_and_unguided_runs_write_results_table_and_plot(setup, tmp_path, 
     assert results["counts"]["skipped"] == 6 and len(results["skipped_units"]) == 6
     assert results["malformed_lines"][0]["line"] == 2
     assert (out / "lifebench_scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ran = [r for r in records if not r["skipped"]]
+    quality = results["quality"]
+    assert quality["all"]["n"] == len(ran) == 18
+    assert quality["all"]["nll"] == pytest.approx(sum(r["nll"] for r in ran) / len(ran))
+    for c, per_target in results["scores"].items():
+        assert quality[c]["n"] == 6
+        for t, cell in per_target.items():
+            mine = [r for r in ran if r["constraint"] == c and str(r["target"]) == t]
+            assert cell["quality_n"] == len(mine) == 3
+            for k in QUALITY_FIELDS:
+                assert cell[k] == pytest.approx(sum(r[k] for r in mine) / 3)
 
     assert _run(policy, data, out, "--no-guidance") == 0
     unguided = _lines(out / "lifebench_unguided.jsonl")
     assert len(unguided) == 24 and not any(r["guided"] for r in unguided)
     assert json.loads((out / "lifebench_unguided.json").read_text())["config"]["value_model"] is None
+    assert all(math.isfinite(r["nll"]) for r in unguided if not r["skipped"])
+    printed = capsys.readouterr().out
+    assert "unguided beside the guided run" in printed and "NLL guided" in printed and "ΔNLL (unguided)" in printed
     modes = {mode for mode, _ in score_series(out)}
     assert modes == {"guided", "unguided"}  # the plot draws both runs
 
@@ -227,13 +252,18 @@ def test_rerun_resumes_and_skips_done_cells(setup, tmp_path, capsys, torch_value
     assert _run(policy, data, out, "--no-guidance", "--constraints", "equal", "--limit", "2", "--json") == 0
     record = json.loads(capsys.readouterr().out)
     assert record["results"]["evaluated_now"] == 0 and _lines(path) == first
+    assert record["results"]["quality"]["all"]["n"] == 4
 
+    # records written before the quality fields existed are kept, and left out of the quality means
+    first = [{k: v for k, v in r.items() if k not in QUALITY_FIELDS} for r in first]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in first), encoding="utf-8")
     with path.open("a", encoding="utf-8") as f:  # an interrupted write leaves a torn last line
         f.write('{"id": "9", "constr')
     assert _run(policy, data, out, "--no-guidance", "--constraints", "equal", "--limit", "3", "--json") == 0
     record = json.loads(capsys.readouterr().out)
     assert record["results"]["evaluated_now"] == 2 and record["results"]["ignored_result_lines"] == 1
     assert record["results"]["counts"]["cells"] == 6
+    assert record["results"]["quality"]["all"]["n"] == 2 and math.isfinite(record["results"]["quality"]["all"]["nll"])
     kept = path.read_text(encoding="utf-8").splitlines()
     assert [json.loads(line) for line in kept[:4]] == first and len(kept) == 7  # 4 + torn line + 2 new
 

@@ -26,24 +26,33 @@ LIFEBENCH = {"unguided": {("equal", 32): (48, 32), ("equal", 64): (64, 64), ("at
                           ("at_most", 64): (64, 70)},
              "guided": {("equal", 32): (32, 32), ("equal", 64): (64, 64), ("at_most", 32): (40, 30),
                         ("at_most", 64): (60, 64)}}
+# mode -> unit -> (nll, repetition_rate) of every output: per cell unguided 2.5 / 5%, guided 3.75 / 25%
+QUALITY = {"unguided": {"u1": (2.0, 0.0), "u2": (3.0, 0.1)}, "guided": {"u1": (3.0, 0.2), "u2": (4.5, 0.3)}}
+# (method, beta) -> (nll, repetition_rate) of every trade-off sample
+TRADEOFF_QUALITY = {("tilt", 0.0): (2.0, 0.0), ("tilt", -1000.0): (3.0, 0.5), ("unguided", None): (1.5, 0.25)}
 
 
-def _lifebench_record(uid: str, constraint: str, target: int, length: int, guided: bool) -> dict:
+def _lifebench_record(uid: str, constraint: str, target: int, length: int, guided: bool, quality: bool) -> dict:
     deviation = length_deviation(length, target)
     filtered = length < 2
-    return {"id": uid, "category": "qa", "type": "", "lang": "en", "constraint": constraint, "target": target,
+    nll, rep = QUALITY["guided" if guided else "unguided"][uid]
+    fields = {"nll": nll, "mean_rank": 2.0, "mean_prob": 0.5, "repetition_rate": rep} if quality else {}
+    return {**fields, "id": uid, "category": "qa", "type": "", "lang": "en", "constraint": constraint, "target": target,
             "guided": guided, "run": "abc", "prompt_tokens": 40, "max_new_tokens": 2 * target + 32,
             "context_capped": False, "skipped": None, "text": "x", "length": length, "num_tokens": length + 1,
             "finish_reason": "stop", "deviation": deviation, "filtered": filtered,
             "score": None if filtered else length_score(deviation, constraint)}
 
 
-def write_lifebench(folder: Path, modes: tuple[str, ...] = ("unguided", "guided")) -> None:
+def write_lifebench(folder: Path, modes: tuple[str, ...] = ("unguided", "guided"), quality: bool = True) -> None:
+    """Summaries as run_lifebench writes them; quality=False: as written before the quality measures existed."""
     for mode in modes:
         guided = mode == "guided"
-        records = [_lifebench_record(uid, c, t, n, guided) for (c, t), lengths in LIFEBENCH[mode].items()
+        records = [_lifebench_record(uid, c, t, n, guided, quality) for (c, t), lengths in LIFEBENCH[mode].items()
                    for uid, n in zip(("u1", "u2"), lengths)]
         results = summarize(records, ["equal", "at_most"], [32, 64])
+        if not quality:
+            del results["quality"]
         results.update(skipped_units=[], malformed_lines=[], ignored_result_lines=0, evaluated_now=8)
         config = {"model": "/models/smollm2", "value_model": "/heads/h1/value_head.safetensors" if guided else None,
                   "gamma": GAMMA if guided else None, "guided": guided, "sampling": {"temperature": 0.0},
@@ -60,7 +69,9 @@ def write_tradeoff(folder: Path, prefix: str) -> None:
     samples = {("tilt", 0.0): [[("\\boxed{5}", 300), ("\\boxed{5}", 340)], [("\\boxed{7}", 320), ("\\boxed{1}", 360)]],
                ("tilt", -1000.0): [[("\\boxed{5}", 150)] * 2, [("\\boxed{7}", 150), ("\\boxed{2}", 150)]],
                ("unguided", None): [[("\\boxed{5}", 300), ("\\boxed{5}", 100)], [("\\boxed{7}", 250), ("9", 180)]]}
-    done = {_key(m, b, q.id, _digest(q), j): {"text": text, "finish_reason": "stop", "num_tokens": n}
+    done = {_key(m, b, q.id, _digest(q), j): {"text": text, "finish_reason": "stop", "num_tokens": n,
+                                              "nll": TRADEOFF_QUALITY[(m, b)][0], "mean_rank": 3.0, "mean_prob": 0.4,
+                                              "repetition_rate": TRADEOFF_QUALITY[(m, b)][1]}
             for (m, b), per_q in samples.items() for q, rows in zip(questions, per_q)
             for j, (text, n) in enumerate(rows)}
     results = tradeoff_summary(done, questions, settings)
@@ -147,6 +158,24 @@ def test_lifebench_cells_averages_and_paper_numbers(sources, tmp_path):
     assert "![LIFEBench length score per target](../eval/lifebench/lifebench_scores.png)" in md
 
 
+def test_lifebench_quality_beside_the_length_scores(sources, tmp_path):
+    md = write_results(sources, tmp_path / "RESULTS.md")
+    # per cell: NLL unguided (2 + 3)/2, guided (3 + 4.5)/2, their difference; rep4 (0 + 0.1)/2, (0.2 + 0.3)/2
+    assert "| equal | 32 | 68.4 | 100.0 | 25.0% | 0.0% | 2 / 2 | 2.500 | 3.750 | +1.250 | 5.0% | 25.0% |" in md
+    # the filtered unguided output of at_most@32 is scored for quality too: it ran
+    assert "| at_most | 32 | 100.0 | 80.3 | 37.5% | 15.6% | 1 / 2 | 2.500 | 3.750 | +1.250 | 5.0% | 25.0% |" in md
+    assert "| NLL (policy, all cells) ↓ | 2.500 | 3.750 | +1.250 | — | — | — | — |" in md
+    assert "| rep4 (all cells) ↓ | 5.0% | 25.0% | +20.0 pp | — | — | — | — |" in md
+    assert "ΔNLL = guided − unguided" in md
+
+
+def test_summaries_without_quality_still_render(tmp_path):
+    write_lifebench(tmp_path, quality=False)
+    md = write_results({"lifebench": tmp_path}, tmp_path / "RESULTS.md")
+    assert "| equal | 32 | 68.4 | 100.0 | 25.0% | 0.0% | 2 / 2 | — | — | — | — | — |" in md
+    assert "| NLL (policy, all cells) ↓ | — | — | — |" in md
+
+
 def test_setup_lists_every_record_with_model_gamma_and_machine(sources, tmp_path):
     md = write_results(sources, tmp_path / "RESULTS.md", title="Ours")
     assert md.startswith("# Ours\n")
@@ -163,14 +192,17 @@ def test_tradeoff_tables_label_the_data_set(sources, tmp_path):
     md = write_results(sources, tmp_path / "RESULTS.md")
     gsm8k = md.split("### gsm8k", 1)[1].split("### small", 1)[0]
     assert "Data set: **GSM8K** (label `gsm8k`; the record holds no data path)" in gsm8k
-    assert "| tilt | β = 0 | 0.750 | 330.0 | 4 | 0 cut | (340, 0.815) |" in gsm8k
-    assert "| tilt | β = -1000 | 0.750 | 150.0 | 4 | 0 cut | (200, 0.630) |" in gsm8k
-    assert "| hard budget | B = 200 | 0.250 | 170.0 | 4 | 2 over B | (200, 0.050) |" in gsm8k
-    assert "| hard budget | B = 256 | 0.500 | 196.5 | 4 | 1 over B | — |" in gsm8k
-    assert "| unguided | B = ∞ | 0.750 | 207.5 | 4 | 0 cut | (340, 0.815) |" in gsm8k
+    # NLL, ΔNLL vs unguided, rep4 beside pass@1 and tokens; budget rows: the unguided responses' quality
+    assert "| tilt | β = 0 | 0.750 | 330.0 | 2.000 | +0.500 | 0.0% | 4 | 0 cut | (340, 0.815) |" in gsm8k
+    assert "| tilt | β = -1000 | 0.750 | 150.0 | 3.000 | +1.500 | 50.0% | 4 | 0 cut | (200, 0.630) |" in gsm8k
+    assert "| hard budget | B = 200 | 0.250 | 170.0 | 1.500 | +0.000 | 25.0% | 4 | 2 over B | (200, 0.050) |" in gsm8k
+    assert "| hard budget | B = 256 | 0.500 | 196.5 | 1.500 | +0.000 | 25.0% | 4 | 1 over B | — |" in gsm8k
+    assert "| unguided | B = ∞ | 0.750 | 207.5 | 1.500 | +0.000 | 25.0% | 4 | 0 cut | (340, 0.815) |" in gsm8k
+    assert "| method | setting | pass@1 | mean tokens | NLL | ΔNLL vs unguided | rep4 | samples |" in gsm8k
+    assert "policy's own mean negative log-likelihood" in gsm8k
     small = md.split("### small", 1)[1].split("## ", 1)[0]
     assert "Data set: **generated arithmetic** (question ids `arith-*`" in small
-    assert "| tilt | β = -1000 | 0.750 | 150.0 | 4 | 0 cut |\n" in small
+    assert "| tilt | β = -1000 | 0.750 | 150.0 | 3.000 | +1.500 | 50.0% | 4 | 0 cut |\n" in small
     assert "paper Fig. 2a" not in small and "no numbers on this data set" in small
 
 

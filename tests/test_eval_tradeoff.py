@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 
@@ -23,7 +24,9 @@ from lenvm_rt.eval.tradeoff import (
     parse_budgets,
     score,
     summarize,
+    table,
 )
+from lenvm_rt.quality import FIELDS as QUALITY_FIELDS
 
 
 def run_cli(argv: list[str]) -> int:
@@ -126,6 +129,29 @@ def test_summarize_scores_both_curves_from_the_sample_log():
     assert budgets[5]["accuracy"] == 0.0 and budgets[5]["mean_tokens"] == 5
     assert budgets[20]["accuracy"] == 0.5 and budgets[20]["mean_tokens"] == (9 + 20) / 2
     assert len(res["samples"]) == 6 and all(s["gold"] == "7" for s in res["samples"])
+    # these rows predate the quality fields: kept, and left out of the quality means
+    assert all(s["nll"] is None for s in res["samples"]) and res["unguided"]["quality_n"] == 0
+    assert res["unguided"]["nll"] is None and "NLL" in table(res)
+
+
+def test_quality_means_per_beta_and_budget_rows_use_the_unguided_responses():
+    settings = TradeoffSettings(betas=(0.0,), budgets=(5,), samples=2, max_new_tokens=32)
+    q = Record("q1", 1, "What is 3+4?", {"question": "What is 3+4?", "answer": "#### 7"})
+    quality = {("tilt", 0.0): [(2.0, 0.0), (4.0, 0.5)], ("unguided", None): [(1.0, 0.1), None]}  # None: an old row
+    done = {}
+    for (m, b), rows in quality.items():
+        for j, qual in enumerate(rows):
+            fields = {} if qual is None else {"nll": qual[0], "mean_rank": 2.0 + j, "mean_prob": 0.5,
+                                              "repetition_rate": qual[1]}
+            done[_key(m, b, q.id, _digest(q), j)] = {"text": "\\boxed{7}", "finish_reason": "stop", "num_tokens": 9,
+                                                      **fields}
+    res = summarize(done, [q], settings)
+    tilt = res["tilt"][0]
+    assert (tilt["nll"], tilt["repetition_rate"], tilt["mean_rank"], tilt["quality_n"]) == (3.0, 0.25, 2.5, 2)
+    assert (res["unguided"]["nll"], res["unguided"]["quality_n"]) == (1.0, 1)
+    assert res["hard_budget"][0]["nll"] == 1.0 and res["hard_budget"][0]["repetition_rate"] == 0.1
+    printed = table(res)
+    assert "3.000" in printed and "25.0%" in printed and "rep4" in printed
 
 
 @pytest.mark.parametrize("change, message", [
@@ -211,7 +237,17 @@ def test_tradeoff_end_to_end_writes_json_png_and_resumes(models, tmp_path, capsy
     assert all(p["count"] == 4 for p in res["tilt"]) and res["unguided"]["count"] == 4
     assert all(p["mean_tokens"] <= 4 for p in res["tilt"] + res["hard_budget"])
     assert (out / "tradeoff.png").stat().st_size > 0
+    assert "NLL" in captured.out and "rep4" in captured.out
+    for s in res["samples"]:
+        assert all(math.isfinite(s[k]) for k in QUALITY_FIELDS), s
+        assert s["nll"] > 0 and 1 <= s["mean_rank"] <= 384 and 0 < s["mean_prob"] < 1
+    for p in res["tilt"] + [res["unguided"]] + res["hard_budget"]:
+        assert p["quality_n"] == 4 and all(math.isfinite(p[k]) for k in QUALITY_FIELDS)
+    unguided = [s for s in res["samples"] if s["method"] == "unguided"]
+    assert res["unguided"]["nll"] == pytest.approx(sum(s["nll"] for s in unguided) / 4)
+    assert all(p["nll"] == res["unguided"]["nll"] for p in res["hard_budget"])
     log = out / "tradeoff_samples.jsonl"
+    assert all(math.isfinite(r["nll"]) for r in read_samples(log))
     assert len(log.read_text().splitlines()) == 12  # 2 questions x 2 samples x (2 β + unguided)
     assert run_cli(argv[:-3] + ["3"] + argv[-2:]) == 0  # one more sample each: only 6 new rows
     assert len(log.read_text().splitlines()) == 18

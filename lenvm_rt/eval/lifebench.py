@@ -20,6 +20,10 @@ Contract:
   appended as batches finish; a rerun skips cells already there and refuses a file written with other
   settings), lifebench_{guided|unguided}.json (summary with machine and versions) and lifebench_scores.png
   (score per target, one line per constraint and mode present in out_dir).
+- Quality: every output that ran carries nll, mean_rank, mean_prob and repetition_rate (lenvm_rt/quality.py:
+  the unguided policy's own judgement of the response, EOS included); summaries hold their means per cell and
+  per constraint. Records from before these fields existed are kept on resume and left out of the means
+  (each mean says how many outputs it covers, quality_n / n).
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from typing import Any
 
 from ..bench.report import write_record
 from ..config import LengthTarget, Sampling
+from ..quality import quality_fields
 from .lifebench_score import (
     CONSTRAINTS,
     K1,
@@ -263,15 +268,17 @@ def _run_cell(runtime: Any, units: Sequence[Unit], constraint: str, target: int,
             chunk = rows[start:start + batch_size]
             gens = runtime.generate_batch([ids for _, ids in chunk], max_new_tokens=row_cap, sampling=sampling,
                                           length=length)
+            quality = quality_fields(runtime.model, [ids for _, ids in chunk], [g.token_ids for g in gens],
+                                     runtime.eos_token_ids, batch=len(chunk))
             batch = []
-            for (unit, ids), gen in zip(chunk, gens):
+            for (unit, ids), gen, q in zip(chunk, gens, quality):
                 record = _record(unit, constraint, target, guided, run, len(ids), row_cap, row_cap < cap)
                 n = gen.num_tokens - 1 if gen.finish_reason == "stop" else gen.num_tokens
                 deviation = length_deviation(n, target)
                 filtered = is_filtered(n)
                 record.update(text=gen.text, length=n, num_tokens=gen.num_tokens, finish_reason=gen.finish_reason,
                               deviation=deviation, filtered=filtered,
-                              score=None if filtered else length_score(deviation, constraint))
+                              score=None if filtered else length_score(deviation, constraint), **q)
                 batch.append(record)
             _append(path, batch)
             out.extend(batch)
@@ -348,6 +355,8 @@ def run_lifebench(runtime: Any, units: Sequence[Unit | Mapping[str, Any]], targe
         "scoring": {"deviation": "(L - N) / N as a fraction", "k1": K1, "k2": K2,
                     "filter": "outputs of length <= 1 dropped", "aggregation": "mean per target rounded to 0.1, "
                     "then mean over targets with scored outputs"},
+        "quality": "policy's own mean NLL / rank / probability per token (EOS included, temperature 1, no "
+                   "filters) and the share of repeated token 4-grams, per output; means per output that ran",
         "run": run,
         "results_file": str(results_path),
     }

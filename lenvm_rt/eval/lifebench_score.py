@@ -12,7 +12,10 @@ LIFEBench's illegal-output filter does.
 
 summarize(records, constraints, targets) aggregates per-unit records as the benchmark does: the
 mean length score per (constraint, target), rounded to 0.1, then the mean over the targets that
-have scored outputs; deviation is the mean |LD|·100 % per target, averaged the same way.
+have scored outputs; deviation is the mean |LD|·100 % per target, averaged the same way. Each cell
+also holds the means of the quality fields (nll, mean_rank, mean_prob, repetition_rate: lenvm_rt/quality.py)
+over its outputs that ran, filtered ones included, with quality_n counting the outputs that carry them;
+results["quality"] holds summarize_quality per constraint and over "all" outputs.
 format_summary(record) renders a summary record as a table; plot_scores(out_dir) draws the score per
 target of every lifebench_{guided,unguided}.json summary in out_dir (score_series) into lifebench_scores.png.
 """
@@ -26,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from ..bench.report import format_table
+from ..quality import FIELDS as QUALITY_FIELDS
+from ..quality import summarize_quality
 
 CONSTRAINTS = ("equal", "at_most", "at_least")
 K1 = 5.0
@@ -93,7 +98,14 @@ def summarize_cell(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "deviation_pct": _round(_mean([abs(r["deviation"]) * 100.0 for r in scored])),
         "signed_deviation_pct": _round(_mean([r["deviation"] * 100.0 for r in scored])),
         "mean_length": _round(_mean([float(r["length"]) for r in scored])),
+        **_quality(ran),
     }
+
+
+def _quality(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Means of the quality fields over the records that hold them; quality_n counts those records."""
+    q = summarize_quality(records)
+    return {**{k: q[k] for k in QUALITY_FIELDS}, "quality_n": q["n"]}
 
 
 def summarize(records: Iterable[Mapping[str, Any]], constraints: Sequence[str], targets: Sequence[int]
@@ -116,29 +128,64 @@ def summarize(records: Iterable[Mapping[str, Any]], constraints: Sequence[str], 
     totals = {key: sum(cell[key] for per_target in scores.values() for cell in per_target.values())
               for key in ("units", "scored", "filtered", "skipped", "truncated", "context_capped")}
     totals["cells"] = totals.pop("units")
-    return {"scores": scores, "averages": averages, "counts": totals}
+    ran = [r for c in constraints for t in targets for r in cells[(c, t)] if not r.get("skipped")]
+    quality = {"all": summarize_quality(ran)}
+    quality.update({c: summarize_quality(r for t in targets for r in cells[(c, t)] if not r.get("skipped"))
+                    for c in constraints})
+    return {"scores": scores, "averages": averages, "counts": totals, "quality": quality}
+
+
+def _num(value: Any, fmt: str = ".1f", scale: float = 1.0, suffix: str = "") -> str:
+    return "-" if value is None else f"{format(value * scale, fmt)}{suffix}"
+
+
+def _other_mode(config: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]] | None:
+    """(mode, results) of the other mode's summary beside this run's results file, when there is one."""
+    other = MODES[1] if config.get("guided") else MODES[0]
+    try:
+        path = Path(config["results_file"]).parent / f"lifebench_{other}.json"
+        return other, json.loads(path.read_text(encoding="utf-8"))["results"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def format_summary(record: Mapping[str, Any]) -> str:
-    """A printable table: length score per target and the averages, one row per constraint."""
+    """A printable table: length score per target, averages, NLL and 4-gram repetition, one row per constraint;
+    then the same constraints beside the other mode's summary when out_dir holds one."""
     config, results = record["config"], record["results"]
     targets = config["targets"]
+    quality = results.get("quality", {})
     rows = []
     for c, per_target in results["scores"].items():
-        avg = results["averages"][c]
+        avg, q = results["averages"][c], quality.get(c, {})
         cells = [per_target[str(t)]["length_score"] for t in targets]
-        rows.append([c, *["-" if v is None else f"{v:.1f}" for v in cells],
-                     "-" if avg["length_score"] is None else f"{avg['length_score']:.1f}",
-                     "-" if avg["deviation_pct"] is None else f"{avg['deviation_pct']:.0f}%",
+        rows.append([c, *[_num(v) for v in cells], _num(avg["length_score"]), _num(avg["deviation_pct"], ".0f",
+                     suffix="%"), _num(q.get("nll"), ".3f"), _num(q.get("repetition_rate"), ".1f", 100, "%"),
                      sum(cell["scored"] for cell in per_target.values()),
                      sum(cell["skipped"] for cell in per_target.values())])
     mode = "guided" if config["guided"] else "unguided"
-    headers = ["constraint", *[str(t) for t in targets], "avg LS", "avg |LD|", "scored", "skipped"]
+    headers = ["constraint", *[str(t) for t in targets], "avg LS", "avg |LD|", "NLL", "rep4", "scored", "skipped"]
     counts = results["counts"]
-    return (f"LIFEBench (tokens), {mode}, {config['units']} units: length score per target\n"
-            f"{format_table(headers, rows)}\n"
+    text = (f"LIFEBench (tokens), {mode}, {config['units']} units: length score per target; NLL = the policy's own "
+            f"mean NLL per token, rep4 = repeated 4-grams\n{format_table(headers, rows)}\n"
             f"filtered {counts['filtered']}, truncated {counts['truncated']}, skipped {counts['skipped']}, "
             f"malformed data lines {len(results['malformed_lines'])}")
+    found = _other_mode(config)
+    if found is None:
+        return text
+    other, theirs = found
+    pairs = [(mode, results), (other, theirs)]
+    side = []
+    for c in results["scores"]:
+        nll = [r.get("quality", {}).get(c, {}).get("nll") for _, r in pairs]
+        rep = [r.get("quality", {}).get(c, {}).get("repetition_rate") for _, r in pairs]
+        side.append([c, *[_num(r["averages"].get(c, {}).get("length_score")) for _, r in pairs],
+                     *[_num(v, ".3f") for v in nll], _num(None if None in nll else nll[0] - nll[1], "+.3f"),
+                     *[_num(v, ".1f", 100, "%") for v in rep]])
+    headers = ["constraint", *[f"LS {m}" for m, _ in pairs], *[f"NLL {m}" for m, _ in pairs], f"ΔNLL ({mode})",
+               *[f"rep4 {m}" for m, _ in pairs]]
+    return f"{text}\n\n{mode} beside the {other} run in the same folder (averages over targets):\n" + format_table(
+        headers, side)
 
 
 def score_series(out_dir: str | Path) -> dict[tuple[str, str], list[tuple[int, float]]]:

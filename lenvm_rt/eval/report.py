@@ -11,8 +11,10 @@ Sources (a directory holding the file, or the file itself):
   head             manifest.json of a trained value head (train_head.py / train_full.py)
 Contract: every number comes from those files. A section whose source is absent says "not run"; a file that
 is not valid JSON, or lacks the keys its writer puts there, raises ValueError naming the file. The paper's
-numbers (LENVM.md §5, §8) stand beside ours, labelled as such. PNGs found beside a JSON are linked by paths
-relative to the output document. Returns the Markdown and writes it to `out`.
+numbers (LENVM.md §5, §8) stand beside ours, labelled as such. Text quality (the policy's own NLL per token and
+the share of repeated 4-grams, lenvm_rt/quality.py) stands beside every length score and trade-off row, guided
+and unguided with their difference; records written before those measures existed show —. PNGs found beside
+a JSON are linked by paths relative to the output document. Returns the Markdown and writes it to `out`.
 """
 from __future__ import annotations
 
@@ -43,6 +45,9 @@ PAPER_BUDGET = {200: (200, 0.05), 250: (243, 0.19), 300: (278, 0.36), 350: (302,
 PAPER_MRE = {"1.5B": (17.0, 29.0, 33.0), "3B": (13.6, 24.0, 27.2), "7B": (11.0, 19.5, 23.0),
              "14B": (10.4, 17.0, 19.8), "32B": (9.8, 14.9, 17.1)}
 Loaded = tuple[Path, dict[str, Any]]
+QUALITY_NOTE = ("NLL: the policy's own mean negative log-likelihood per token (nats, EOS included) of the outputs, "
+                "judged unguided at temperature 1 (lower: text the policy finds likelier); ΔNLL = guided − unguided; "
+                "rep4: share of repeated token 4-grams. Summaries written before these measures existed show —.")
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -64,6 +69,11 @@ def _f(value: Any, fmt: str = ".1f", suffix: str = "") -> str:
 
 def _pct(fraction: Any) -> str:
     return NA if fraction is None or math.isnan(fraction) else f"{100 * fraction:.1f}%"
+
+
+def _delta(pair: Sequence[Any], fmt: str, suffix: str = "") -> str:
+    """second − first (guided − unguided), or NA when either is missing."""
+    return NA if None in pair else _f(pair[1] - pair[0], fmt, suffix)
 
 
 def _code(text: Any) -> str:
@@ -140,15 +150,21 @@ def _lifebench(runs: dict[str, Loaded], out: Path) -> list[str]:
     def cell(m: str, c: str, t: str, key: str) -> Any:
         return res[m]["scores"].get(c, {}).get(t, {}).get(key) if m in res else None
 
+    both = ("unguided", "guided")
     rows = []
     for c in constraints:
         targets = sorted({int(t) for m in modes for t in res[m]["scores"].get(c, {})})
         for t in map(str, targets):
-            rows.append([c, t, *(_f(cell(m, c, t, "length_score")) for m in ("unguided", "guided")),
-                         *(_f(cell(m, c, t, "deviation_pct"), suffix="%") for m in ("unguided", "guided")),
-                         " / ".join(_f(cell(m, c, t, "scored"), "d") for m in ("unguided", "guided"))])
+            nll = [cell(m, c, t, "nll") for m in both]
+            rows.append([c, t, *(_f(cell(m, c, t, "length_score")) for m in both),
+                         *(_f(cell(m, c, t, "deviation_pct"), suffix="%") for m in both),
+                         " / ".join(_f(cell(m, c, t, "scored"), "d") for m in both),
+                         *(_f(v, ".3f") for v in nll), _delta(nll, "+.3f"),
+                         *(_pct(cell(m, c, t, "repetition_rate")) for m in both)])
     lines += _table(["constraint", "target", "LS unguided", "LS guided", "|LD| unguided", "|LD| guided",
-                     "scored (unguided / guided)"], rows)
+                     "scored (unguided / guided)", "NLL unguided", "NLL guided", "ΔNLL", "rep4 unguided",
+                     "rep4 guided"], rows)
+    lines += [QUALITY_NOTE, ""]
     metrics = [("equal", "deviation_pct", "Equal To |LD| ↓", 0), ("equal", "length_score", "Equal To LS ↑", 1),
                ("at_most", "length_score", "At Most LS ↑", 2), ("at_least", "length_score", "At Least LS ↑", 3),
                ("at_most", "deviation_pct", "At Most |LD|", None), ("at_least", "deviation_pct", "At Least |LD|", None)]
@@ -160,6 +176,12 @@ def _lifebench(runs: dict[str, Loaded], out: Path) -> list[str]:
         paper = [NA if i is None else f"{p[0][i]}{suffix} → {p[1][i]}{suffix}" for p in PAPER_LIFEBENCH.values()]
         avg_rows.append([label, *(_f(v, suffix=suffix) for v in ours), delta, *paper,
                          NA if i is None else PAPER_FRONTIER[i]])
+    for key, label in (("nll", "NLL (policy, all cells) ↓"), ("repetition_rate", "rep4 (all cells) ↓")):
+        ours = [res[m].get("quality", {}).get("all", {}).get(key) if m in res else None for m in both]
+        cells = [_f(v, ".3f") for v in ours] if key == "nll" else [_pct(v) for v in ours]
+        delta = _delta(ours, "+.3f") if key == "nll" else _delta([None if v is None else 100 * v for v in ours],
+                                                                 "+.1f", " pp")
+        avg_rows.append([label, *cells, delta, *([NA] * len(PAPER_LIFEBENCH)), NA])
     lines += ["Averages over targets, beside the paper (Table 2; paper cells: without → with LenVM(1.5B/1.7B)):", ""]
     lines += _table(["metric", "ours unguided", "ours guided", "Δ", *(f"paper {k}" for k in PAPER_LIFEBENCH),
                      "paper best frontier"], avg_rows)
@@ -199,15 +221,21 @@ def _tradeoff(label: str, path: Path, rec: dict[str, Any], out: Path) -> list[st
     def paper(point: tuple[int, float] | None) -> list[str]:
         return [f"({point[0]}, {point[1]:.3f})" if point else NA] if gsm8k else []
 
-    rows = [["tilt", f"β = {p['beta']:g}", _f(p["accuracy"], ".3f"), _f(p["mean_tokens"]), p["count"],
-             f"{p['cut']} cut", *paper(PAPER_TILT.get(float(p["beta"])))] for p in res["tilt"]]
-    rows += [["hard budget", f"B = {p['budget']}", _f(p["accuracy"], ".3f"), _f(p["mean_tokens"]), p["count"],
-              f"{p['over_budget']} over B", *paper(PAPER_BUDGET.get(int(p["budget"])))] for p in res["hard_budget"]]
+    def quality(p: dict[str, Any]) -> list[str]:
+        return [_f(p.get("nll"), ".3f"), _delta([u.get("nll"), p.get("nll")], "+.3f"), _pct(p.get("repetition_rate"))]
+
     u = res["unguided"]
-    rows.append(["unguided", "B = ∞", _f(u["accuracy"], ".3f"), _f(u["mean_tokens"]), u["count"], f"{u['cut']} cut",
-                 *paper(PAPER_BUDGET[None])])
-    lines += _table(["method", "setting", "pass@1", "mean tokens", "samples", "cut / over",
-                     *(["paper Fig. 2a (tokens, pass@1)"] if gsm8k else [])], rows)
+    rows = [["tilt", f"β = {p['beta']:g}", _f(p["accuracy"], ".3f"), _f(p["mean_tokens"]), *quality(p), p["count"],
+             f"{p['cut']} cut", *paper(PAPER_TILT.get(float(p["beta"])))] for p in res["tilt"]]
+    rows += [["hard budget", f"B = {p['budget']}", _f(p["accuracy"], ".3f"), _f(p["mean_tokens"]), *quality(p),
+              p["count"], f"{p['over_budget']} over B", *paper(PAPER_BUDGET.get(int(p["budget"])))]
+             for p in res["hard_budget"]]
+    rows.append(["unguided", "B = ∞", _f(u["accuracy"], ".3f"), _f(u["mean_tokens"]), *quality(u), u["count"],
+                 f"{u['cut']} cut", *paper(PAPER_BUDGET[None])])
+    lines += _table(["method", "setting", "pass@1", "mean tokens", "NLL", "ΔNLL vs unguided", "rep4", "samples",
+                     "cut / over", *(["paper Fig. 2a (tokens, pass@1)"] if gsm8k else [])], rows)
+    lines += [QUALITY_NOTE.replace("ΔNLL = guided − unguided", "ΔNLL = row − unguided; budget rows: the unguided "
+                                   "responses, whole"), ""]
     if gsm8k:
         lines += ["Paper: Qwen2.5-3B-Instruct + LenVM(1.5B), 64 samples, points read off Fig. 2a (±0.01, ±5 tokens); "
                   "headline 63% pass@1 at β = −1000 (≈200 tokens) vs ≈6% at hard budget B = 200.", ""]

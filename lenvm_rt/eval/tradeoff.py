@@ -18,8 +18,12 @@ Protocol (every choice is recorded in the output):
   correct   the response ended (EOS) within the cap and its answer matches the gold (answers.CONVENTION);
             a response cut at the cap counts as wrong
   pass@1    mean over questions of correct/samples; mean tokens: mean over questions of the mean length
+  quality   every sample carries nll, mean_rank, mean_prob, repetition_rate (lenvm_rt/quality.py: the unguided
+            policy's own judgement, EOS included); each β row and the unguided row hold their means (quality_n
+            samples); a budget row holds those of the unguided responses, whole (not cut at B)
 Resumable: each finished sample is one line of tradeoff_samples.jsonl; a rerun with the same model and
-sampling settings generates only what is missing (more samples, a new β or new questions).
+sampling settings generates only what is missing (more samples, a new β or new questions). Lines written
+before the quality fields existed are kept and left out of the quality means (quality_n says how many count).
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Sampling
+from ..quality import FIELDS as QUALITY_FIELDS
+from ..quality import quality_fields, summarize_quality
 from ..rollouts import completion_seed
 from ..runtime import Runtime
 from .answers import CONVENTION, answers_match, extract_answer, gold_answer
@@ -42,6 +48,9 @@ from .data import Record, Rows, append_jsonl, pyplot, read_records, read_samples
 SAMPLES_FILE = "tradeoff_samples.jsonl"
 CONFIG_FILE = "tradeoff_config.json"
 LENGTH_COUNTER = "generated tokens, EOS counted, capped at max_new_tokens"
+QUALITY_RULE = ("per sample: the policy's own mean NLL / rank / probability per token (EOS included, temperature 1, "
+                "no filters) and the share of repeated token 4-grams; per row: means over samples; budget rows: "
+                "the unguided responses, whole")
 
 
 def parse_betas(text: str) -> list[float]:
@@ -196,9 +205,11 @@ def run_tradeoff(runtime: Runtime, questions: Sequence[Record], out_dir: str | o
         seeds = [completion_seed(settings.seed, q.id, j) for _, _, q, j in chunk]
         gens = runtime.generate_batch([q.prompt for _, _, q, _ in chunk], max_new_tokens=settings.max_new_tokens,
                                       sampling=[settings.sampling(s) for s in seeds], tilt=[b for _, b, _, _ in chunk])
+        quality = quality_fields(runtime.model, [runtime.encode(q.prompt) for _, _, q, _ in chunk],
+                                 [g.token_ids for g in gens], runtime.eos_token_ids, batch=settings.batch)
         rows = [{"method": m, "beta": b, "id": q.id, "digest": _digest(q), "sample": j, "seed": s,
-                 "num_tokens": g.num_tokens, "finish_reason": g.finish_reason, "text": g.text}
-                for (m, b, q, j), s, g in zip(chunk, seeds, gens)]
+                 "num_tokens": g.num_tokens, "finish_reason": g.finish_reason, "text": g.text, **qf}
+                for (m, b, q, j), s, g, qf in zip(chunk, seeds, gens, quality)]
         append_jsonl(log, rows)
         done.update({_key(r["method"], r["beta"], r["id"], r["digest"], r["sample"]): r for r in rows})
         bar.update(len(chunk))
@@ -207,7 +218,7 @@ def run_tradeoff(runtime: Runtime, questions: Sequence[Record], out_dir: str | o
     results["skipped_lines"] = list(skipped)
     config = {**asdict(settings), **_config_key(runtime, settings), "data": data, "questions": len(questions),
               "prompt": "math template (\\boxed{}) as a chat user message", "answer_extraction": CONVENTION,
-              "length_counter": LENGTH_COUNTER}
+              "length_counter": LENGTH_COUNTER, "quality": QUALITY_RULE}
     record = write_record(out / "tradeoff.json", "eval-tradeoff", config, results)
     plot_tradeoff(results, out / "tradeoff.png")
     return record
@@ -216,43 +227,55 @@ def run_tradeoff(runtime: Runtime, questions: Sequence[Record], out_dir: str | o
 def summarize(done: dict[tuple, dict[str, Any]], questions: Sequence[Record],
               settings: TradeoffSettings) -> dict[str, Any]:
     """Points of both curves from the finished samples of the current questions and settings."""
-    samples, scored = [], {}
+    samples, scored, quality = [], {}, {}
     methods = [("tilt", float(b)) for b in settings.betas] + [("unguided", None)]
     for m, b in methods:
-        rows = []
+        rows, records = [], []
         for q in questions:
             gold = gold_answer(q.row["answer"])
             for j in range(settings.samples):
                 r = done[_key(m, b, q.id, _digest(q), j)]
                 answer, correct = score(r["text"], r["finish_reason"], gold)
                 rows.append((q.id, correct, r["num_tokens"]))
+                records.append(r)
                 samples.append({"method": m, "beta": b, "id": q.id, "sample": j, "num_tokens": r["num_tokens"],
                                 "finish_reason": r["finish_reason"], "answer": answer, "gold": gold,
-                                "correct": correct})
+                                "correct": correct, **{k: r.get(k) for k in QUALITY_FIELDS}})
         scored[(m, b)] = rows
+        means = summarize_quality(records)
+        quality[(m, b)] = {**{k: means[k] for k in QUALITY_FIELDS}, "quality_n": means["n"]}
     cut = {key: sum(s["finish_reason"] == "length" and (s["method"], s["beta"]) == key for s in samples)
            for key in methods}
-    unguided = scored[("unguided", None)]
+    unguided, plain = scored[("unguided", None)], quality[("unguided", None)]
     return {
         "answer_extraction": CONVENTION,
         "length_counter": LENGTH_COUNTER,
-        "tilt": [{"beta": b, **curve_point(scored[("tilt", b)]), "cut": cut[("tilt", b)]} for _, b in methods[:-1]],
-        "unguided": {**curve_point(unguided), "cut": cut[("unguided", None)]},
-        "hard_budget": [budget_point(unguided, int(b)) for b in sorted(settings.budgets)],
+        "quality": QUALITY_RULE,
+        "tilt": [{"beta": b, **curve_point(scored[("tilt", b)]), "cut": cut[("tilt", b)], **quality[("tilt", b)]}
+                 for _, b in methods[:-1]],
+        "unguided": {**curve_point(unguided), "cut": cut[("unguided", None)], **plain},
+        "hard_budget": [{**budget_point(unguided, int(b)), **plain} for b in sorted(settings.budgets)],
         "samples": samples,
     }
 
 
+def _quality_cells(point: dict[str, Any]) -> list[str]:
+    nll, rep = point.get("nll"), point.get("repetition_rate")
+    return ["-" if nll is None else f"{nll:.3f}", "-" if rep is None else f"{100 * rep:.1f}%"]
+
+
 def table(results: dict[str, Any]) -> str:
-    """The printed summary: one row per β and per budget."""
+    """The printed summary: one row per β and per budget, with the policy's NLL and 4-gram repetition
+    (budget rows: those of the unguided responses)."""
     from ..bench.report import format_table
 
-    rows = [["tilt", f"β={p['beta']:g}", p["accuracy"], p["mean_tokens"], p["count"]] for p in results["tilt"]]
-    rows += [["hard budget", f"B={p['budget']}", p["accuracy"], p["mean_tokens"], p["count"]]
+    rows = [["tilt", f"β={p['beta']:g}", p["accuracy"], p["mean_tokens"], *_quality_cells(p), p["count"]]
+            for p in results["tilt"]]
+    rows += [["hard budget", f"B={p['budget']}", p["accuracy"], p["mean_tokens"], *_quality_cells(p), p["count"]]
              for p in results["hard_budget"]]
     u = results["unguided"]
-    rows.append(["unguided", "B=∞", u["accuracy"], u["mean_tokens"], u["count"]])
-    return format_table(["method", "setting", "pass@1", "mean tokens", "samples"], rows)
+    rows.append(["unguided", "B=∞", u["accuracy"], u["mean_tokens"], *_quality_cells(u), u["count"]])
+    return format_table(["method", "setting", "pass@1", "mean tokens", "NLL", "rep4", "samples"], rows)
 
 
 def plot_tradeoff(results: dict[str, Any], path: str | os.PathLike[str], *, title: str | None = None) -> Path:
