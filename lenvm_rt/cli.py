@@ -168,6 +168,8 @@ DEMO_PROMPTS = [
 ]
 DEMO_GUIDED_PROMPT = "Explain why the sky is blue."
 DEMO_TARGETS = (("equal", 16), ("equal", 48), ("at-most", 24), ("at-least", 96))
+# min-p keeps improbable tokens out of the candidate set, so the rule steers length without wrecking the text
+DEMO_GUIDED_SAMPLING = Sampling(temperature=0, min_p=0.2)
 
 
 def _response_tokens(g) -> int:
@@ -201,13 +203,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
     if not guided:
         return 0
     chat = [{"role": "user", "content": DEMO_GUIDED_PROMPT}]
-    print(f">>> {DEMO_GUIDED_PROMPT}   (length control with the default value head, γ = {rt.gamma:.4f})")
+    print(f">>> {DEMO_GUIDED_PROMPT}   (length control with the default value head, γ = {rt.gamma:.4f}, "
+          "candidates: top-15 with min-p 0.2)")
     plain = rt.generate(chat, max_new_tokens=2 * a.max_new_tokens, sampling=Sampling(temperature=0))
     print(f"[unguided: {_response_tokens(plain)} tokens] {plain.text.strip()}\n")
     for constraint, n in DEMO_TARGETS:
         target = {"equal": LengthTarget.equal, "at-most": LengthTarget.at_most, "at-least": LengthTarget.at_least}
-        g = rt.generate(chat, max_new_tokens=2 * n + 32, sampling=Sampling(temperature=0),
-                        length=target[constraint](n))
+        g = rt.generate(chat, max_new_tokens=2 * n + 32, sampling=DEMO_GUIDED_SAMPLING, length=target[constraint](n))
         print(f"[{constraint} {n}: {_response_tokens(g)} tokens] {g.text.strip()}\n")
     return 0
 

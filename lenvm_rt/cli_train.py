@@ -44,13 +44,17 @@ def cmd_rollouts(a: argparse.Namespace) -> int:
     return 0
 
 
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from .cli import _load, _threads
 
     if a.mode == "head":
         from .train_head import TrainSettings, train_head
 
-        settings = TrainSettings(epochs=a.epochs, batch=a.batch, lr=a.lr if a.lr is not None else 1e-3,
+        settings = TrainSettings(epochs=_or(a.epochs, 16), batch=_or(a.batch, 32), lr=_or(a.lr, 2e-3),
                                  warmup=a.warmup, gamma=a.gamma, censoring=a.censoring, seed=a.seed)
         settings.check()
         a.gamma = None  # γ belongs to the head being trained, not to a value model of the policy
@@ -59,7 +63,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     else:
         from .train_full import FullTrainSettings, train_full
 
-        settings_full = FullTrainSettings(epochs=a.epochs, batch=a.batch, lr=a.lr if a.lr is not None else 2e-5,
+        settings_full = FullTrainSettings(epochs=_or(a.epochs, 2), batch=_or(a.batch, 8), lr=_or(a.lr, 2e-5),
                                           warmup=a.warmup, gamma=a.gamma, censoring=a.censoring, seed=a.seed)
         settings_full.check()
         _threads(a.threads)
@@ -105,9 +109,9 @@ def add_training_commands(sub: Any) -> None:
     tr.add_argument("--mode", choices=["head", "full"], default="head",
                     help="head: head only on the frozen policy trunk; full: fine-tune a separate backbone")
     tr.add_argument("--backbone", default=None, help="full mode: initial backbone (default: the policy)")
-    tr.add_argument("--epochs", type=int, default=8)
-    tr.add_argument("--batch", type=int, default=8, help="completions per update")
-    tr.add_argument("--lr", type=float, default=None, help="peak learning rate (head 1e-3, full 2e-5)")
+    tr.add_argument("--epochs", type=int, default=None, help="passes over the data (head 16, full 2)")
+    tr.add_argument("--batch", type=int, default=None, help="completions per update (head 32, full 8)")
+    tr.add_argument("--lr", type=float, default=None, help="peak learning rate (head 2e-3, full 2e-5)")
     tr.add_argument("--warmup", type=float, default=0.05, help="warm-up share of the updates")
     tr.add_argument("--gamma", type=float, default=None,
                     help="discount (default: the p99 rule, or half the cap when over 1%% were cut)")

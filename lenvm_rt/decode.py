@@ -27,10 +27,9 @@ from collections.abc import Iterator
 import torch
 
 from .config import Sampling
-from .guidance import CandidateSettings, Guidance, build_candidates
+from .guidance import CandidateSettings, EosRule, Guidance, build_candidates
 from .model import CausalLM, right_padded
 from .sampling import TokenChooser
-from .select_ref import AT_LEAST
 from .selector import make_selector
 from .value_math import remaining_from_logit
 from .values import ValueModel
@@ -139,7 +138,7 @@ def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], sampli
     settings = CandidateSettings.of(samplings, eos_ids, dev)
     selector = make_selector([guidances[b] for b in guided], [samplings[b] for b in guided],
                              chooser.seeds[guided], max_new_tokens, value.gamma, eos_ids, dev) if guided else None
-    at_least = [(b, guidances[b].target) for b in guided if guidances[b].rule == AT_LEAST]
+    eos_rule = EosRule(guidances, dev)
     rows = _Rows(B, max_new_tokens, eos_ids)
     eos_list = torch.tensor(sorted(eos_ids), device=dev)
     with torch.inference_mode():
@@ -155,11 +154,8 @@ def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], sampli
             logits = model.logits(x)
             # unguided rows: exactly their plain-decoding draw (skipped when every row is guided)
             plain = chooser(logits, [step] * B) if len(guided) < B else torch.zeros(B, dtype=torch.long, device=dev)
-            ban = None
-            if at_least:
-                ban = torch.zeros(B, dtype=torch.bool, device=dev)
-                ban[[b for b, target in at_least if step + 1 < target]] = True
-            cand, logp, _ = build_candidates(logits, settings, ban)  # [B, K]
+            ban, force = eos_rule.masks(step)
+            cand, logp, _ = build_candidates(logits, settings, ban, force)  # [B, K]
             cand = torch.where(unguided.view(-1, 1), plain.view(-1, 1), cand)
             watch.lap("lm_head_and_candidates")
             lookahead = trunk.lookahead(cand, positions, pos)  # [B, K, D]

@@ -2,14 +2,19 @@
 
 Shapes: B rows, V vocabulary, K candidate slots, E EOS ids.
 
-    cands = build_candidates(logits[B, V], settings, ban_eos[B])   # ids/logp[B, K], filled[B, K]
+    ban, force = EosRule(guidances, device).masks(step)               # bool[B] each, or None
+    cands = build_candidates(logits[B, V], settings, ban, force)      # ids/logp[B, K], filled[B, K]
 
 Candidates per row: softmax(logits / temperature) (temperature 1 for greedy rows), the K most
 probable tokens sorted descending (K is the row's top_k, capped at K_MAX; DEFAULT_K when top_k is
 off), then top-p on the exclusive prefix mass of full-vocabulary probabilities, then min-p against
 the row's most probable token. Slot 0 always survives. Unfilled slots repeat slot 0's id (so the
-lookahead has a real token to run) and carry logp = -inf. Rows in `ban_eos` (At Least before its
-target) never see an EOS candidate.
+lookahead has a real token to run) and carry logp = -inf.
+
+EOS (EosRule): rows in `ban_eos` (At Least before its target) never see an EOS candidate; rows in
+`force_eos` (any length rule from its target on) always do: when the filters dropped EOS, it takes the
+first empty slot (else the last one) with its own log-probability, so a row can end where its target says even when the
+policy ranks EOS below its top-k (EOS reachability).
 """
 from __future__ import annotations
 
@@ -78,15 +83,36 @@ class CandidateSettings:
         )
 
 
-def build_candidates(logits: torch.Tensor, cfg: CandidateSettings, ban_eos: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class EosRule:
+    """Which guided rows must not, and which must, see EOS among their candidates at a step."""
+
+    def __init__(self, guidances: Sequence[Guidance | None], device: torch.device) -> None:
+        never = 2**62
+        length_rows = [g is not None and g.rule != TILT for g in guidances]
+        self.target = torch.tensor([g.target if on else never for g, on in zip(guidances, length_rows)],
+                                   device=device)
+        self.at_least = torch.tensor([g is not None and g.rule == AT_LEAST for g in guidances], device=device)
+        self.any_length = any(length_rows)
+        self.any_at_least = any(bool(g is not None and g.rule == AT_LEAST) for g in guidances)
+
+    def masks(self, step: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(ban[B], force[B]) for the token drawn at 0-based `step`, i.e. the (step + 1)-th generated."""
+        if not self.any_length:
+            return None, None
+        before = step + 1 < self.target
+        return (self.at_least & before) if self.any_at_least else None, ~before
+
+
+def build_candidates(logits: torch.Tensor, cfg: CandidateSettings, ban_eos: torch.Tensor | None,
+                     force_eos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits[B, V] fp32 -> (ids[B, K] int64, logp[B, K] fp32, filled[B, K] bool)."""
     scaled = logits * cfg.inv_temperature
     if ban_eos is not None:
         banned = torch.zeros_like(scaled, dtype=torch.bool)
         banned[:, cfg.eos_ids] = True
         scaled = scaled.masked_fill(banned & ban_eos.view(-1, 1), float("-inf"))
-    logp, ids = torch.log_softmax(scaled, dim=-1).topk(cfg.k, dim=-1)  # sorted descending
+    full = torch.log_softmax(scaled, dim=-1)
+    logp, ids = full.topk(cfg.k, dim=-1)  # sorted descending
     p = logp.exp()
     rank = torch.arange(cfg.k, device=logits.device).view(1, -1)
     filled = rank < cfg.top_k.view(-1, 1)
@@ -95,4 +121,13 @@ def build_candidates(logits: torch.Tensor, cfg: CandidateSettings, ban_eos: torc
     filled[:, 0] = True
     ids = torch.where(filled, ids, ids[:, :1])
     logp = logp.masked_fill(~filled, float("-inf"))
+    if force_eos is not None:
+        eos = cfg.eos_ids[:1]  # [1]: the first EOS id stands for all
+        has_eos = (filled & torch.isin(ids, cfg.eos_ids)).any(dim=-1)
+        add = force_eos & ~has_eos & (cfg.k > 1)  # [B]; slot 0 (the most probable token) always stays
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        slot = filled.sum(dim=-1).clamp(max=cfg.k - 1)  # the first empty slot, else the last one
+        ids[rows, slot] = torch.where(add, eos, ids[rows, slot])
+        logp[rows, slot] = torch.where(add, full[:, eos[0]], logp[rows, slot])
+        filled[rows, slot] |= add
     return ids, logp, filled

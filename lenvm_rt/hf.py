@@ -28,9 +28,8 @@ import numpy as np
 import torch
 
 from .config import LengthTarget, Sampling
-from .guidance import CandidateSettings, Guidance, build_candidates
+from .guidance import CandidateSettings, EosRule, Guidance, build_candidates
 from .model import right_padded
-from .select_ref import AT_LEAST
 from .selector import make_selector
 from .tokenizer import Tokenizer
 from .value_model import check_same_vocabulary, locate
@@ -125,11 +124,9 @@ class LengthGuidanceLogitsProcessor:
         self._seen = input_ids.cpu().clone()
         B = input_ids.shape[0]
         g = self.guidance
-        ban = None
-        if g.rule == AT_LEAST:
-            ban = torch.full((B,), self._step + 1 < g.target, device=self.device)
+        ban, force = EosRule([g] * B, self.device).masks(self._step)
         with torch.inference_mode():
-            cand, logp, _ = build_candidates(scores.float().to(self.device), self._settings, ban)
+            cand, logp, _ = build_candidates(scores.float().to(self.device), self._settings, ban, force)
             x = self.value.trunk.lookahead(cand, self._positions)  # [B, K, D]
             z = self.value.values(x.reshape(B * cand.shape[1], -1))[0].view(B, -1)
             slot, token = self._selector.step(cand, logp, z)

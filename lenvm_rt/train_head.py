@@ -39,9 +39,9 @@ FORMAT = "lenvm_rt.value_head/1"
 
 @dataclass(frozen=True)
 class TrainSettings:
-    epochs: int = 8
-    batch: int = 8  # completions per update
-    lr: float = 1e-3
+    epochs: int = 16
+    batch: int = 32  # completions per update
+    lr: float = 2e-3
     warmup: float = 0.05  # share of the updates
     weight_decay: float = 0.0
     grad_clip: float = 1.0

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import lenvm_rt
 from lenvm_rt import LengthTarget, Sampling, _native
 from lenvm_rt.guidance import CandidateSettings, Guidance, build_candidates
-from lenvm_rt.select_ref import AT_LEAST, GUIDANCE_STREAM, RowState, select_row
+from lenvm_rt.select_ref import AT_LEAST, GUIDANCE_STREAM, TILT, RowState, select_row
 
 GAMMA = 0.97
 
@@ -36,7 +36,8 @@ def _oracle(policy, trunk, head, prompt, sampling, guidance, eos, max_new):
         for step in range(max_new):
             logits = policy(torch.tensor([ids])).logits[:, -1].float()
             ban = torch.tensor([guidance.rule == AT_LEAST and step + 1 < guidance.target])
-            cand, logp, filled = build_candidates(logits, settings, ban)
+            force = torch.tensor([guidance.rule != TILT and step + 1 >= guidance.target])
+            cand, logp, filled = build_candidates(logits, settings, ban, force)
             hn = torch.stack([trunk.model(torch.tensor([ids + [int(c)]])).last_hidden_state[0, -1] for c in cand[0]])
             z = (torch.nn.functional.silu(hn @ head["v_head.fc.weight"].T + head["v_head.fc.bias"])
                  @ head["v_head.summary.weight"].T + head["v_head.summary.bias"])[:, 0]

@@ -1,0 +1,63 @@
+"""EOS reachability: length rules see EOS among their candidates from their target on, At Least never before."""
+from __future__ import annotations
+
+import torch
+
+from lenvm_rt import LengthTarget, Sampling
+from lenvm_rt.guidance import CandidateSettings, EosRule, Guidance, build_candidates
+
+EOS = 7
+V = 32
+
+
+def _logits(eos_rank: int) -> torch.Tensor:
+    """One row whose token t has logit -t, except EOS, which sits at `eos_rank` (0 = most probable)."""
+    order = [t for t in range(V) if t != EOS]
+    order.insert(eos_rank, EOS)
+    logits = torch.empty(1, V)
+    for rank, token in enumerate(order):
+        logits[0, token] = -float(rank)
+    return logits
+
+
+def _settings(k: int) -> CandidateSettings:
+    return CandidateSettings.of([Sampling(top_k=k)], [EOS], torch.device("cpu"))
+
+
+def test_forced_eos_takes_the_last_slot_with_its_own_log_probability():
+    logits = _logits(eos_rank=20)
+    ids, logp, filled = build_candidates(logits, _settings(4), None, torch.tensor([True]))
+    full = torch.log_softmax(logits, dim=-1)[0]
+    assert ids[0].tolist()[:3] == [0, 1, 2] and int(ids[0, 3]) == EOS
+    assert bool(filled[0].all()) and float(logp[0, 3]) == float(full[EOS])
+    unforced, _, _ = build_candidates(logits, _settings(4), None, torch.tensor([False]))
+    assert EOS not in unforced[0].tolist()
+
+
+def test_forcing_leaves_a_candidate_set_that_already_has_eos_alone():
+    logits = _logits(eos_rank=1)
+    forced = build_candidates(logits, _settings(4), None, torch.tensor([True]))
+    plain = build_candidates(logits, _settings(4), None, None)
+    assert all(torch.equal(a, b) for a, b in zip(forced, plain))
+
+
+def test_eos_rule_per_row_and_step():
+    guidances = [Guidance.of(LengthTarget.equal(3), None), Guidance.of(LengthTarget.at_least(2), None),
+                 Guidance.of(None, -5.0), None]
+    rule = EosRule(guidances, torch.device("cpu"))  # targets T = N + 1: 4 and 3 generated tokens
+    ban, force = rule.masks(step=1)  # drawing the 2nd token
+    assert ban.tolist() == [False, True, False, False] and force.tolist() == [False, False, False, False]
+    ban, force = rule.masks(step=2)  # the 3rd: At Least's target is reached, Equal's is one away
+    assert ban.tolist() == [False, False, False, False] and force.tolist() == [False, True, False, False]
+    _, force = rule.masks(step=3)
+    assert force.tolist() == [True, True, False, False]  # tilt and unguided rows are never forced
+    assert EosRule([None, Guidance.of(None, 1.0)], torch.device("cpu")).masks(0) == (None, None)
+
+
+def test_forced_eos_fills_the_first_empty_slot():
+    logits = _logits(eos_rank=20)
+    logits[0, 0] = 10.0  # one dominant token: min-p leaves a single filled slot
+    settings = CandidateSettings.of([Sampling(top_k=6, min_p=0.5)], [EOS], torch.device("cpu"))
+    ids, logp, filled = build_candidates(logits, settings, None, torch.tensor([True]))
+    assert filled[0].tolist() == [True, True, False, False, False, False]  # filled slots stay in front
+    assert int(ids[0, 1]) == EOS and float(logp[0, 1]) == float(torch.log_softmax(logits, -1)[0, EOS])
