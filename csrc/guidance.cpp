@@ -71,8 +71,9 @@ void GuidanceBatch::admit(std::int64_t slot, std::int32_t rule, std::int64_t tar
     if (checked_row(slot).active) {
         fail("slot", "a free slot (retire it first)", std::to_string(slot) + ", which is active");
     }
-    check(rule >= kEqual && rule <= kTilt, "rule", "1 (equal), 2 (at_most), 3 (at_least) or 4 (tilt)", rule);
-    check(rule == kTilt || target >= 1, "target", "an integer >= 1 for rules equal, at_most and at_least", target);
+    check(rule >= kEqual && rule <= kEqualBand, "rule",
+          "1 (equal), 2 (at_most), 3 (at_least), 4 (tilt) or 5 (equal_band)", rule);
+    check(rule == kTilt || target >= 1, "target", "an integer >= 1 for every rule but tilt", target);
     check(max_new >= 1, "max_new", "an integer >= 1", max_new);
     check(gamma > 0.0 && gamma < 1.0, "gamma", "a number in (0, 1)", gamma);
     check(std::isfinite(beta) && std::fabs(beta) <= kMaxAbsBeta, "beta", "a finite number with |beta| <= 1e30",
@@ -172,6 +173,43 @@ std::int64_t GuidanceBatch::tilt_slot(const GuidanceRow& row, const std::int32_t
     return n - 1;
 }
 
+std::int64_t GuidanceBatch::equal_slot(const GuidanceRow& row, const std::int32_t* ids, const float* logp,
+                                       const float* z, std::int64_t n) const {
+    const auto rho = static_cast<float>(std::max<std::int64_t>(row.target - row.generated - 1, 0));
+    const auto distance = [&](std::int64_t j) {
+        const float remaining = is_eos(ids[j]) ? 0.0f : remaining_from_logit(z[j], row.neg_log_gamma);
+        return std::fabs(remaining - rho);
+    };
+    const std::int64_t closest = best_slot(n, distance, less);
+    const float band = rho > 0.0f ? std::max(kBandAbs, kBandRel * rho) : 0.0f;  // at the target: EOS only
+    // The closest candidate is in band whenever any is; otherwise EQUAL_BAND makes EQUAL's choice.
+    if (row.rule == kEqual || !(distance(closest) <= band)) return closest;
+
+    // In-band membership is recomputed (same operations, same bits) rather than stored: no per-step buffer.
+    const auto in_band = [&](std::int64_t j) { return distance(j) <= band; };
+    std::int64_t top = closest;  // in-band argmax of logp, first on ties
+    std::int64_t last = closest;
+    for (std::int64_t j = 0; j < n; ++j) {
+        if (!in_band(j)) continue;
+        if (logp[j] > logp[top] || (logp[j] == logp[top] && j < top)) top = j;
+        last = j;
+    }
+    if (row.greedy) return top;
+    // Inverse CDF as in tilt_slot over p = exp(logp - max in-band logp), 0 outside the band.
+    float total = 0.0f;
+    for (std::int64_t j = 0; j < n; ++j) {
+        if (in_band(j)) total += std::exp(logp[j] - logp[top]);
+    }
+    const float r = rng::uniform(row.seed, static_cast<std::uint32_t>(row.generated), kGuidanceStream) * total;
+    float cdf = 0.0f;
+    for (std::int64_t j = 0; j < n; ++j) {
+        if (!in_band(j)) continue;
+        cdf += std::exp(logp[j] - logp[top]);
+        if (cdf > r) return j;
+    }
+    return last;
+}
+
 Choice GuidanceBatch::select(const GuidanceRow& row, const std::int32_t* ids, const float* logp, const float* z,
                              std::int64_t k) const {
     std::int64_t n = 1;  // filled slots form a prefix (validated)
@@ -182,15 +220,10 @@ Choice GuidanceBatch::select(const GuidanceRow& row, const std::int32_t* ids, co
 
     std::int64_t slot = 0;
     switch (row.rule) {
-        case kEqual: {
-            const auto rho = static_cast<float>(std::max<std::int64_t>(row.target - t - 1, 0));
-            const auto distance = [&](std::int64_t j) {
-                const float remaining = is_eos(ids[j]) ? 0.0f : remaining_from_logit(z[j], row.neg_log_gamma);
-                return std::fabs(remaining - rho);
-            };
-            slot = best_slot(n, distance, less);
+        case kEqual:
+        case kEqualBand:
+            slot = equal_slot(row, ids, logp, z, n);
             break;
-        }
         case kAtMost:
             if (budget_met) {
                 slot = -1;

@@ -4,7 +4,11 @@
 // Specification: lenvm_rt/select_ref.py (`select_row`). `step` reproduces it choice for choice: scores in
 // float32 (csrc/value_math.h), EOS candidates get u = l̂ = 0, ties go to the lower slot, AT_MOST forces EOS
 // (slot -1, token eos_ids[0]) once t + 1 >= T, AT_LEAST skips EOS while t + 1 < T, TILT draws by inverse CDF
-// with rng::uniform(seed, offset = t, stream = kGuidanceStream) or takes the argmax when greedy.
+// with rng::uniform(seed, offset = t, stream = kGuidanceStream) or takes the argmax when greedy. EQUAL_BAND (the
+// tolerance band) keeps the candidates with |l̂ - ρ| <= max(kBandAbs, kBandRel·ρ) while ρ > 0 (EOS only once
+// ρ = 0), computed as EQUAL computes |l̂ - ρ|, and draws among them by exp(logp - max in-band logp) with the same uniform and inverse CDF (the last
+// in-band slot when no running sum exceeds U·total), or takes their argmax logp when greedy; with none in band it
+// makes EQUAL's choice. Its stop rules are EQUAL's.
 //
 // Shapes: B batch rows, K candidate slots per row, C capacity (slots of the table), E EOS ids.
 //   rows       int32 [B]     slot of each batch row; distinct, each slot admitted and not retired
@@ -30,10 +34,12 @@
 
 namespace lenvm {
 
-enum Rule : std::int32_t { kEqual = 1, kAtMost = 2, kAtLeast = 3, kTilt = 4 };
+enum Rule : std::int32_t { kEqual = 1, kAtMost = 2, kAtLeast = 3, kTilt = 4, kEqualBand = 5 };
 
 inline constexpr std::uint32_t kGuidanceStream = 1;  // Philox stream of guided draws; 0 is plain sampling
 inline constexpr double kMaxAbsBeta = 1e30;           // keeps logp + β·u finite for every finite logp
+inline constexpr float kBandRel = 0.25f;  // EQUAL_BAND half-width max(kBandAbs, kBandRel·ρ) in tokens, as
+inline constexpr float kBandAbs = 2.0f;   // BAND_REL / BAND_ABS of lenvm_rt/select_ref.py
 inline constexpr std::int64_t kMaxCapacity = std::int64_t{1} << 24;
 
 // One slot of the table.
@@ -73,7 +79,7 @@ public:
     // capacity in [1, kMaxCapacity]; eos_ids non-empty, each >= 0 (eos_ids[0] is the forced EOS token).
     GuidanceBatch(std::int64_t capacity, std::vector<std::int32_t> eos_ids);
 
-    // Start a request in a free slot with t = 0. rule in {1, 2, 3, 4}; target >= 1 unless rule is TILT;
+    // Start a request in a free slot with t = 0. rule in {1, ..., 5}; target >= 1 unless rule is TILT;
     // max_new >= 1; 0 < gamma < 1; beta finite with |beta| <= kMaxAbsBeta.
     void admit(std::int64_t slot, std::int32_t rule, std::int64_t target, std::int64_t max_new, double gamma,
                double beta, std::uint64_t seed, bool greedy);
@@ -94,6 +100,8 @@ private:
     bool is_eos(std::int32_t token) const;
     Choice select(const GuidanceRow& row, const std::int32_t* ids, const float* logp, const float* z,
                   std::int64_t k) const;
+    std::int64_t equal_slot(const GuidanceRow& row, const std::int32_t* ids, const float* logp, const float* z,
+                            std::int64_t n) const;
     std::int64_t tilt_slot(const GuidanceRow& row, const std::int32_t* ids, const float* logp, const float* z,
                            std::int64_t n) const;
 

@@ -8,6 +8,9 @@ Math:     the rules of lenvm_rt/select_ref.py (the specification; the C++ core `
             AT_LEAST  while t + 1 < T argmax u over non-EOS candidates (slot 0 when all are EOS); then argmin u
             TILT      w = logp + β·u; greedy rows take argmax w; others the first slot whose running sum of
                       exp(w - max w) exceeds U·total, U = Philox uniform(seed, offset=t, stream=1) (as tl.rand)
+            EQUAL_BAND in band: |l̂ - ρ| <= max(BAND_ABS, BAND_REL·ρ); greedy rows take the in-band argmax of logp,
+                      others the first slot whose running sum of exp(logp - max in-band logp) (0 out of band)
+                      exceeds U·total with TILT's U, else the last in-band slot; none in band: EQUAL's choice
           done = token is EOS or t + 1 >= max_new; then t += 1 for every row.
 Shapes:   B rows, K <= 64 candidate slots, C slots of the state table, E EOS ids.
           rows int32[B] (distinct slots of the table), cand_ids int32[B, K] (-1 = empty; filled slots first, slot 0
@@ -34,7 +37,8 @@ from ._compat import tl, triton
 from .value_head import describe, use_triton
 
 K_MAX = 64  # candidates live in one register block per program
-EQUAL, AT_MOST, AT_LEAST, TILT = 1, 2, 3, 4
+EQUAL, AT_MOST, AT_LEAST, TILT, EQUAL_BAND = 1, 2, 3, 4, 5
+BAND_REL, BAND_ABS = 0.25, 2.0  # EQUAL_BAND half-width in tokens: the constants of lenvm_rt/select_ref.py
 GUIDANCE_STREAM = 1  # Philox stream of guided draws; stream 0 is plain sampling
 MAX_ABS_BETA = 1e30  # keeps logp + β·u finite for every finite logp (below half an ulp of the fp32 maximum)
 _INT32_MAX = 2**31 - 1
@@ -45,7 +49,7 @@ _BACKENDS = ("auto", "triton", "torch")
 class GuidanceState:
     """Per-slot guidance state on one device; every tensor is [C] and written only by `admit` and `select`."""
 
-    rule: torch.Tensor  # int32: EQUAL, AT_MOST, AT_LEAST or TILT
+    rule: torch.Tensor  # int32: EQUAL, AT_MOST, AT_LEAST, TILT or EQUAL_BAND
     target: torch.Tensor  # int32: T, generated tokens including EOS (unused by TILT)
     generated: torch.Tensor  # int32: t, advanced by `select`
     max_new: torch.Tensor  # int32
@@ -68,8 +72,9 @@ class GuidanceState:
               seed: int = 0, greedy: bool = False) -> None:
         """Validate one request's settings on the host (the C++ core's rules) and write them with t = 0."""
         _check_int("slot", slot, 0, self.rule.numel() - 1)
-        if isinstance(rule, bool) or not isinstance(rule, int) or rule not in (EQUAL, AT_MOST, AT_LEAST, TILT):
-            raise ValueError(f"rule: expected 1 (equal), 2 (at_most), 3 (at_least) or 4 (tilt), got {rule!r}")
+        if isinstance(rule, bool) or not isinstance(rule, int) or not EQUAL <= rule <= EQUAL_BAND:
+            raise ValueError(f"rule: expected 1 (equal), 2 (at_most), 3 (at_least), 4 (tilt) or 5 (equal_band), "
+                             f"got {rule!r}")
         _check_int("target", target, 1 if rule != TILT else -(2**31), _INT32_MAX)
         _check_int("max_new", max_new, 1, _INT32_MAX)
         _check_int("seed", seed, 0, 2**64 - 1)
@@ -112,6 +117,14 @@ def _philox_uniform_ref(seed: torch.Tensor, offset: torch.Tensor, stream: int) -
     return folded.float() * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
+def _cumsum_fp32(p: torch.Tensor) -> torch.Tensor:
+    """Running sums along dim 1 added one by one in fp32, as numpy's cumsum (torch's CPU cumsum adds in double)."""
+    cdf = [p[:, 0]]
+    for j in range(1, p.shape[1]):
+        cdf.append(cdf[-1] + p[:, j])
+    return torch.stack(cdf, dim=1)
+
+
 def select_ref(rows: torch.Tensor, cand_ids: torch.Tensor, cand_logp: torch.Tensor, cand_z: torch.Tensor,
                state: GuidanceState, eos_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Readable torch version, vectorised over rows: the test oracle and the CPU path (same contract as `select`)."""
@@ -126,7 +139,13 @@ def select_ref(rows: torch.Tensor, cand_ids: torch.Tensor, cand_logp: torch.Tens
     remaining = torch.where(is_eos, 0.0, softplus / nlg[:, None])
     rho = torch.clamp(target - t - 1, min=0).float()
     inf = torch.tensor(float("inf"))
-    slot_equal = torch.where(valid, (remaining - rho[:, None]).abs(), inf).argmin(dim=1)  # argmin: first minimum
+    distance = (remaining - rho[:, None]).abs()
+    slot_equal = torch.where(valid, distance, inf).argmin(dim=1)  # argmin: first minimum
+    limit = torch.where(rho > 0, torch.clamp(rho * BAND_REL, min=BAND_ABS), 0.0)  # at the target: EOS only
+    in_band = valid & (distance <= limit[:, None])
+    has_band = in_band.any(dim=1)
+    band_logp = torch.where(in_band, cand_logp.float(), -inf)
+    band_top = torch.where(has_band, band_logp.amax(dim=1), 0.0)
     slot_low_u = torch.where(valid, u, inf).argmin(dim=1)
     slot_high_u = torch.where(valid & ~is_eos, u, -1.0).argmax(dim=1)
     positions = torch.arange(cand_ids.shape[1]).expand_as(cand_ids)
@@ -134,17 +153,20 @@ def select_ref(rows: torch.Tensor, cand_ids: torch.Tensor, cand_logp: torch.Tens
     first_eos = torch.where(first_eos < cand_ids.shape[1], first_eos, -1)
     w = torch.where(valid, cand_logp.float() + beta[:, None] * u, -inf)
     p = torch.exp(w - w.amax(dim=1, keepdim=True))
-    cdf = [p[:, 0]]
-    for j in range(1, p.shape[1]):  # sequential fp32 sums, as numpy's cumsum (torch's CPU cumsum adds in double)
-        cdf.append(cdf[-1] + p[:, j])
-    cdf = torch.stack(cdf, dim=1)
-    r = _philox_uniform_ref(seed, t, GUIDANCE_STREAM) * cdf[:, -1]
+    cdf, band_cdf = _cumsum_fp32(p), _cumsum_fp32(torch.exp(band_logp - band_top[:, None]))
+    draw = _philox_uniform_ref(seed, t, GUIDANCE_STREAM)
+    r, band_r = draw * cdf[:, -1], draw * band_cdf[:, -1]
     slot_sample = torch.minimum(((cdf <= r[:, None]) & valid).sum(dim=1), n - 1)
+    last_in_band = torch.where(in_band, positions, -1).amax(dim=1)
+    slot_band = torch.where(greedy, band_logp.argmax(dim=1),
+                            torch.minimum(((band_cdf <= band_r[:, None]) & valid).sum(dim=1), last_in_band))
+    slot_band = torch.where(has_band, slot_band, slot_equal)
     budget_met = t + 1 >= target
     slot = torch.where(rule == EQUAL, slot_equal,
+           torch.where(rule == EQUAL_BAND, slot_band,
            torch.where(rule == AT_MOST, torch.where(budget_met, first_eos, slot_low_u),
            torch.where(rule == AT_LEAST, torch.where(budget_met, slot_low_u, slot_high_u),
-           torch.where(greedy, w.argmax(dim=1), slot_sample))))
+           torch.where(greedy, w.argmax(dim=1), slot_sample)))))
     chosen = slot.clamp(min=0)[:, None]
     token = torch.where(slot >= 0, cand_ids.gather(1, chosen)[:, 0], eos_ids[0])
     done = (slot < 0) | is_eos.gather(1, chosen)[:, 0] | (t + 1 >= max_new)
@@ -195,7 +217,16 @@ def _select_kernel(rows_ptr, ids_ptr, logp_ptr, z_ptr, eos_ptr,                 
     softplus = tl.maximum(z, 0.0) + _log1p(tl.exp(-tl.abs(z)))
     remaining = tl.where(is_eos, 0.0, tl.math.div_rn(softplus, nlg))
     rho = tl.maximum(target - t - 1, 0).to(tl.float32)
-    slot_equal = tl.argmin(tl.where(valid, tl.abs(remaining - rho), float("inf")), axis=0)  # first minimum
+    distance = tl.abs(remaining - rho)
+    slot_equal = tl.argmin(tl.where(valid, distance, float("inf")), axis=0)  # first minimum
+    limit = tl.where(rho > 0, tl.maximum(rho * 0.25, 2.0), 0.0)  # BAND_REL, BAND_ABS; at the target: EOS only
+    in_band = valid & (distance <= limit)
+    has_band = tl.max(in_band.to(tl.int32), axis=0) > 0
+    band_logp = tl.where(in_band, logp, float("-inf"))
+    slot_band_greedy = tl.argmax(band_logp, axis=0)
+    band_top = tl.where(has_band, tl.max(band_logp, axis=0), 0.0)
+    band_cdf = tl.cumsum(tl.exp(band_logp - band_top), axis=0)
+    last_in_band = tl.max(tl.where(in_band, offs, -1), axis=0)
     slot_low_u = tl.argmin(tl.where(valid, u, float("inf")), axis=0)
     slot_high_u = tl.argmax(tl.where(valid & ~is_eos, u, -1.0), axis=0)
     first_eos = tl.min(tl.where(is_eos, offs, BLOCK_K), axis=0)
@@ -207,14 +238,19 @@ def _select_kernel(rows_ptr, ids_ptr, logp_ptr, z_ptr, eos_ptr,                 
     seed = tl.load(seed_ptr + s).to(tl.uint64, bitcast=True)
     zero = tl.zeros_like(t).to(tl.uint32)
     bits, _, _, _ = tl.philox(seed, t.to(tl.uint32, bitcast=True), zero + 1, zero, zero)  # stream 1 = guidance
-    r = tl.uint_to_uniform_float(bits) * tl.max(cdf, axis=0)
+    draw = tl.uint_to_uniform_float(bits)
+    r = draw * tl.max(cdf, axis=0)
     slot_sample = tl.minimum(tl.sum((valid & (cdf <= r)).to(tl.int32), axis=0), n - 1)
+    band_r = draw * tl.max(band_cdf, axis=0)
+    slot_band = tl.minimum(tl.sum((valid & (band_cdf <= band_r)).to(tl.int32), axis=0), last_in_band)
+    slot_band = tl.where(has_band, tl.where(greedy, slot_band_greedy, slot_band), slot_equal)
 
     budget_met = t + 1 >= target
     slot = tl.where(greedy, slot_greedy, slot_sample)
     slot = tl.where(rule == 3, tl.where(budget_met, slot_low_u, slot_high_u), slot)
     slot = tl.where(rule == 2, tl.where(budget_met, first_eos, slot_low_u), slot)
     slot = tl.where(rule == 1, slot_equal, slot)
+    slot = tl.where(rule == 5, slot_band, slot)
     picked = offs == slot
     token = tl.where(slot >= 0, tl.sum(tl.where(picked, ids, 0), axis=0), tl.load(eos_ptr))
     token_is_eos = (slot < 0) | (tl.sum((picked & is_eos).to(tl.int32), axis=0) > 0)

@@ -174,6 +174,7 @@ class Sampling:
 
 
 LENGTH_CONSTRAINTS = ("equal", "at_most", "at_least")
+LENGTH_RULES = ("strict", "band")  # how Equal To picks: the paper's argmin, or the tolerance band (select_ref)
 
 
 @dataclass(frozen=True)
@@ -182,20 +183,29 @@ class LengthTarget:
 
     `LengthTarget.equal(128)` asks for 128 tokens of text followed by EOS (129 generated tokens:
     Generation.num_tokens counts the EOS). This is the count a user reads and LIFEBench scores.
+
+    `rule` (Equal To only): "strict" takes the candidate whose predicted remaining length is closest to
+    the target's (the paper's argmin); "band" samples by base probability among the candidates within
+    max(2, 0.25·ρ) tokens of it, and falls back to the closest when none is (lenvm_rt/select_ref.py).
     """
 
     constraint: str
     tokens: int
+    rule: str = "strict"
 
     def __post_init__(self) -> None:
         _require(self.constraint in LENGTH_CONSTRAINTS,
                  f"length constraint must be one of {', '.join(LENGTH_CONSTRAINTS)}; got {self.constraint!r}")
         _require(_is_int(self.tokens) and self.tokens > 0,
                  f"length target must be a positive int number of tokens; got {self.tokens!r}")
+        _require(isinstance(self.rule, str) and self.rule in LENGTH_RULES,
+                 f"length rule must be one of {', '.join(LENGTH_RULES)}; got {self.rule!r}")
+        _require(self.rule == "strict" or self.constraint == "equal",
+                 f"length rule {self.rule!r} applies to the equal constraint only; got {self.constraint!r}")
 
     @classmethod
-    def equal(cls, tokens: int) -> LengthTarget:
-        return cls("equal", tokens)
+    def equal(cls, tokens: int, rule: str = "strict") -> LengthTarget:
+        return cls("equal", tokens, rule)
 
     @classmethod
     def at_most(cls, tokens: int) -> LengthTarget:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import LengthTarget, Sampling
-from .select_ref import AT_LEAST, AT_MOST, EQUAL, TILT
+from .select_ref import AT_LEAST, AT_MOST, EQUAL, EQUAL_BAND, TILT
 
 DEFAULT_K = 15  # LIFEBench guided settings use top-k 15 (LENVM.md §4.2)
 K_MAX = 64
@@ -46,7 +46,8 @@ class Guidance:
         if length is not None:
             if not isinstance(length, LengthTarget):
                 raise ValueError(f"length must be a LengthTarget; got {type(length).__name__}")
-            return Guidance(_RULES[length.constraint], length.generated_target, 0.0)
+            rule = EQUAL_BAND if length.rule == "band" else _RULES[length.constraint]
+            return Guidance(rule, length.generated_target, 0.0)
         if tilt is not None:
             if isinstance(tilt, bool) or not isinstance(tilt, (int, float)) or not abs(tilt) < float("inf"):
                 raise ValueError(f"tilt must be a finite number (β < 0 shortens, β > 0 lengthens); got {tilt!r}")

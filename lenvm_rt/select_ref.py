@@ -27,6 +27,12 @@ Rules (ties go to the lower slot, i.e. the more probable candidate):
   AT_LEAST  while t + 1 < T: argmax u over non-EOS candidates (longest); afterwards argmin u
   TILT      w = logp + β·u; greedy rows take argmax w; others draw by inverse CDF over
             exp(w - max w) in slot order with uniform(seed, offset=t, stream=1)
+  EQUAL_BAND  the tolerance band (quality-preserving Equal To): a filled candidate is in band when
+            |l̂ - ρ| <= max(BAND_ABS, BAND_REL·ρ) while ρ > 0, and l̂ = 0 (EOS only) once ρ = 0 (float32,
+            l̂ and ρ exactly as EQUAL). Greedy rows take the
+            in-band argmax of logp; others draw by inverse CDF over exp(logp - max in-band logp), zero out of
+            band, in slot order with the uniform of TILT (the first slot whose running sum exceeds U·total,
+            else the last in-band slot). No candidate in band: EQUAL's choice. Stop rules as EQUAL.
 A row is done when its token is EOS or t + 1 >= max_new.
 """
 from __future__ import annotations
@@ -36,8 +42,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-EQUAL, AT_MOST, AT_LEAST, TILT = 1, 2, 3, 4
-RULES = {"equal": EQUAL, "at_most": AT_MOST, "at_least": AT_LEAST, "tilt": TILT}
+EQUAL, AT_MOST, AT_LEAST, TILT, EQUAL_BAND = 1, 2, 3, 4, 5
+RULES = {"equal": EQUAL, "at_most": AT_MOST, "at_least": AT_LEAST, "tilt": TILT, "equal_band": EQUAL_BAND}
+# EQUAL_BAND's half-width max(BAND_ABS, BAND_REL·ρ) in tokens; the same constants in csrc/guidance.h and
+# kernels/select.py. Both are powers of two (or small integers), so the float32 product is exact.
+BAND_REL = 0.25
+BAND_ABS = 2.0
 GUIDANCE_STREAM = 1  # Philox stream of guided draws; stream 0 is plain sampling
 
 
@@ -72,18 +82,35 @@ def candidate_scores(ids: np.ndarray, z: np.ndarray, gamma: float, eos: set[int]
     return u, remaining
 
 
+def band_slot(logp: np.ndarray, in_band: np.ndarray, greedy: bool, uniform: float) -> int:
+    """EQUAL_BAND among >= 1 in-band candidates: argmax logp (greedy) or an inverse-CDF draw of exp(logp)."""
+    masked = np.where(in_band, logp, np.float32(-np.inf)).astype(np.float32)
+    if greedy:
+        return int(np.argmax(masked))
+    p = np.where(in_band, np.exp(masked - masked.max()), np.float32(0)).astype(np.float32)
+    cdf = np.cumsum(p, dtype=np.float32)
+    r = np.float32(uniform) * cdf[-1]
+    last = int(np.flatnonzero(in_band)[-1])
+    return min(int(np.searchsorted(cdf, r, side="right")), last)
+
+
 def select_row(ids: np.ndarray, logp: np.ndarray, z: np.ndarray, s: RowState, eos_ids: list[int],
                uniform: float) -> Choice:
-    """One row's choice; `uniform` is Philox(seed, t, stream=1), used only by sampled TILT rows."""
+    """One row's choice; `uniform` is Philox(seed, t, stream=1), used only by sampled TILT and EQUAL_BAND rows."""
     valid = ids >= 0
     n = int(valid.sum())
     ids, logp, z = ids[:n], logp[:n].astype(np.float32), z[:n]
     eos = set(eos_ids)
     u, remaining = candidate_scores(ids, z, s.gamma, eos)
     t, T = s.generated, s.target
-    if s.rule == EQUAL:
+    if s.rule in (EQUAL, EQUAL_BAND):
         rho = np.float32(max(T - t - 1, 0))
-        slot = int(np.argmin(np.abs(remaining - rho)))
+        distance = np.abs(remaining - rho).astype(np.float32)
+        slot = int(np.argmin(distance))
+        limit = max(np.float32(BAND_ABS), np.float32(BAND_REL) * rho) if rho > 0 else np.float32(0)
+        in_band = distance <= limit
+        if s.rule == EQUAL_BAND and in_band.any():
+            slot = band_slot(logp, in_band, s.greedy, uniform)
     elif s.rule == AT_MOST:
         if t + 1 >= T:
             eos_slots = [j for j in range(n) if int(ids[j]) in eos]

@@ -17,7 +17,17 @@ import torch
 
 from lenvm_rt import _native
 from lenvm_rt.kernels import GuidanceState, select
-from lenvm_rt.select_ref import AT_LEAST, AT_MOST, EQUAL, TILT, RowState, select_row
+from lenvm_rt.select_ref import (
+    AT_LEAST,
+    AT_MOST,
+    BAND_ABS,
+    BAND_REL,
+    EQUAL,
+    EQUAL_BAND,
+    TILT,
+    RowState,
+    select_row,
+)
 
 EOS = [2, 7]
 CAPACITY = 12
@@ -83,11 +93,27 @@ def decision_is_robust(ids, logp, z, s: RowState, u_draw: float) -> bool:
                    for j in range(n))
 
     tol_u = np.where(u > 0, 16 * EPS * u + 1e-37, 0.0)  # 1e-37: exp near overflow (z ≈ -88.7) may round to inf
-    if s.rule == EQUAL:
+    if s.rule in (EQUAL, EQUAL_BAND):
         rho = max(T - t - 1, 0)
         score = np.abs(remaining - rho)
         tol = np.where((remaining == 0) | np.isinf(score), 0.0, 16 * EPS * remaining + EPS * score)
-        return separated(score, tol, int(np.argmin(score)))
+        if s.rule == EQUAL:
+            return separated(score, tol, int(np.argmin(score)))
+        band = max(BAND_ABS, BAND_REL * rho)  # exact in float32 too
+        if not np.all((tol == 0) | (np.abs(score - band) > tol)):
+            return False  # a candidate sits on the band's edge
+        in_band = score <= band
+        if not in_band.any():
+            return separated(score, tol, int(np.argmin(score)))
+        if s.greedy:
+            return True  # argmax of exact logp inputs: identical everywhere
+        d = np.where(in_band, logp - logp[in_band].max(), 0.0)  # log p relative to the in-band maximum
+        p = np.where(in_band, np.exp(d), 0.0)
+        err_p = np.where(in_band, p * 16 * EPS * (1 + np.abs(d)) + 1e-37, 0.0)
+        cdf, err_cdf = np.cumsum(p), np.cumsum(err_p) + n * EPS * np.cumsum(p)
+        r = u_draw * cdf[-1]
+        gap = np.abs(cdf - r) > err_cdf + u_draw * err_cdf[-1] + EPS * r
+        return bool(np.all(gap | ~in_band))
     if s.rule == AT_MOST:
         return t + 1 >= T or separated(u, tol_u, int(np.argmin(u)))
     if s.rule == AT_LEAST:
@@ -117,7 +143,7 @@ def check_valid(slot: int, token: int, done: bool, ids_row: np.ndarray) -> None:
 
 
 def random_settings(rng: np.random.Generator) -> dict:
-    return dict(rule=int(rng.integers(1, 5)), target=int(rng.integers(1, 7)), max_new=int(rng.integers(1, 9)),
+    return dict(rule=int(rng.integers(1, 6)), target=int(rng.integers(1, 7)), max_new=int(rng.integers(1, 9)),
                 gamma=float(rng.choice(GAMMAS)), beta=float(rng.choice([0.0, rng.normal(0, 5), -1000.0])),
                 seed=int(rng.integers(0, 2**64, dtype=np.uint64)), greedy=bool(rng.integers(0, 2)))
 
