@@ -1,7 +1,8 @@
 """The tolerance-band Equal-To rule EQUAL_BAND (`LengthTarget.equal(n, rule="band")`, lenvm_rt/select_ref.py).
 
 A candidate is in band when |l̂ - ρ| <= max(BAND_ABS, BAND_REL·ρ) while ρ > 0, and only EOS is once ρ = 0; the
-rule draws among the in-band candidates by base probability (inverse CDF with the row's Philox uniform) and falls back to EQUAL's argmin when none is in band.
+rule draws among the in-band candidates by base probability (inverse CDF with the row's Philox uniform) and
+falls back to EQUAL's argmin when none is in band.
 Checked here: membership on many random rows, the one-candidate and empty-band cases, the draw frequencies against
 the renormalised base probabilities, C++ == specification == torch reference == Triton (interpreter), and the API
 and CLI plumbing with its bad input.
