@@ -292,3 +292,24 @@ def test_a_file_of_only_malformed_lines_is_an_error(tmp_path):
     bad.write_text('not json\n{"id": 1, "lang": "fr", "task": "{word_count_type} {word_count}"}\n')
     with pytest.raises(ValueError, match="no valid LIFEBench units \\(2 malformed lines\\)"):
         read_units(bad)
+
+
+def test_band_rule_runs_are_recorded_and_kept_apart(setup, tmp_path, torch_value_head):
+    policy, head, data, _ = setup
+    out = tmp_path / "out"
+    assert _run(policy, data, out, "--value-model", str(head), "--constraints", "equal", "--length-rule", "band") == 0
+    summary = json.loads((out / "lifebench_guided.json").read_text())
+    assert summary["config"]["equal_rule"] == "band"
+    # the same directory with the strict rule is another run: its cells are not reused
+    assert _run(policy, data, out, "--value-model", str(head), "--constraints", "equal") == 2
+
+
+def test_unknown_equal_rule_is_refused(setup, tmp_path):
+    import lenvm_rt
+    from lenvm_rt.eval.lifebench import run_lifebench
+
+    policy, _, data, _ = setup
+    rt = lenvm_rt.load(str(policy))
+    units = read_units(data)[0]
+    with pytest.raises(ValueError, match="length rule"):
+        run_lifebench(rt, units, "4", "equal", False, tmp_path / "out", equal_rule="fuzzy", progress=False)

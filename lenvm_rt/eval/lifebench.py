@@ -173,9 +173,12 @@ def max_new_tokens_for(constraint: str, target: int, factor: float = 2.0) -> int
     return math.ceil(scale * target) + PAD_TOKENS
 
 
-def _settings(runtime: Any, guided: bool, sampling: Sampling, factor: float, user_prefix: str) -> dict[str, Any]:
+def _settings(runtime: Any, guided: bool, sampling: Sampling, factor: float, user_prefix: str,
+              equal_rule: str) -> dict[str, Any]:
     value = runtime.value if guided else None
+    rule = {"equal_rule": equal_rule} if guided else {}  # the Equal-To rule matters to guided runs only
     return {
+        **rule,
         "model": str(Path(runtime.directory).resolve()),
         "value_model": str(Path(value.source.head_file).resolve()) if value is not None else None,
         "gamma": value.gamma if value is not None else None,
@@ -244,7 +247,7 @@ def _record(unit: Unit, constraint: str, target: int, guided: bool, run: str, pr
 
 def _run_cell(runtime: Any, units: Sequence[Unit], constraint: str, target: int, *, guided: bool,
               sampling: Sampling, factor: float, batch_size: int, user_prefix: str, run: str, path: Path,
-              bar: Any) -> list[dict[str, Any]]:
+              bar: Any, equal_rule: str = "strict") -> list[dict[str, Any]]:
     """Decode one (constraint, target) cell for `units`, appending each batch's records to `path`."""
     cap = max_new_tokens_for(constraint, target, factor)
     out: list[dict[str, Any]] = []
@@ -262,7 +265,7 @@ def _run_cell(runtime: Any, units: Sequence[Unit], constraint: str, target: int,
             bar.update(1)
         else:
             by_cap.setdefault(min(cap, room), []).append((unit, ids))
-    length = LengthTarget(constraint, target) if guided else None
+    length = LengthTarget(constraint, target, equal_rule if constraint == "equal" else "strict") if guided else None
     for row_cap, rows in sorted(by_cap.items(), reverse=True):
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
@@ -290,8 +293,11 @@ def run_lifebench(runtime: Any, units: Sequence[Unit | Mapping[str, Any]], targe
                   constraints: str | Iterable[str], guided: bool, out_dir: str | Path, *,
                   sampling: Sampling = GREEDY, max_new_tokens_factor: float = 2.0, batch_size: int = 8,
                   user_prefix: str = USER_PREFIX, data_path: str | Path | None = None,
-                  malformed: Sequence[Mapping[str, Any]] = (), progress: bool = True) -> dict[str, Any]:
+                  malformed: Sequence[Mapping[str, Any]] = (), progress: bool = True,
+                  equal_rule: str = "strict") -> dict[str, Any]:
     """Evaluate every (unit, constraint, target) cell not yet in out_dir; return the summary record.
+
+    equal_rule: the Equal-To rule of guided runs ("strict" argmin, or "band"; LengthTarget.rule).
 
     runtime is a `lenvm_rt.Runtime` (with a value model when guided). malformed lists the data file's
     bad lines for the report. ValueError on bad arguments, before any decoding.
@@ -312,7 +318,8 @@ def run_lifebench(runtime: Any, units: Sequence[Unit | Mapping[str, Any]], targe
     if guided and runtime.value is None:
         raise ValueError("a guided LIFEBench run needs a value model (--value-model); --no-guidance runs the "
                          "baseline without one")
-    settings = _settings(runtime, guided, sampling, max_new_tokens_factor, user_prefix)
+    LengthTarget.equal(1, equal_rule)  # ValueError for an unknown rule, before any work
+    settings = _settings(runtime, guided, sampling, max_new_tokens_factor, user_prefix, equal_rule)
     run = _fingerprint(settings)
     mode = MODES[0] if guided else MODES[1]
     out = Path(out_dir)
@@ -330,7 +337,7 @@ def run_lifebench(runtime: Any, units: Sequence[Unit | Mapping[str, Any]], targe
         for (c, t), group in todo.items():
             for record in _run_cell(runtime, group, c, t, guided=guided, sampling=sampling,
                                     factor=max_new_tokens_factor, batch_size=batch_size, user_prefix=user_prefix,
-                                    run=run, path=results_path, bar=bar):
+                                    run=run, path=results_path, bar=bar, equal_rule=equal_rule):
                 done[_cell_key(record)] = record
     records = [done[(u.id, c, t)] for c, t, u in cells]
     results = summarize(records, constraint_list, target_list)
