@@ -36,11 +36,10 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .model import right_padded, rope_inv_freq
 from .rollouts import Rollout
-from .targets import CENSORING_MODES, GAMMA_RULE, choose_gamma
+from .targets import GAMMA_RULE, choose_gamma
 from .tokenizer import Tokenizer, tokenizer_fingerprint
-from .train_head import FORMAT, ValueHead
+from .train_head import FORMAT, TrainSettings, ValueHead
 from .training import MANIFEST_FILE, Split, half_mse, load_split, lr_at, read_split, save_head, validation_metrics
-from .value_math import check_gamma
 from .value_model import LENVM_CONFIG_FILE, VALUE_HEAD_FILE, check_same_vocabulary
 from .weights import read_config, resolve_checkpoint, safetensors_files
 
@@ -53,36 +52,18 @@ _COPIED_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
 
 
 @dataclass(frozen=True)
-class FullTrainSettings:
+class FullTrainSettings(TrainSettings):
+    """TrainSettings with full fine-tuning's defaults, plus the forward's micro-batch."""
+
     epochs: int = 2
     batch: int = 8  # completions per update
     lr: float = 2e-5
-    warmup: float = 0.05  # share of the updates
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    gamma: float | None = None  # None: targets.choose_gamma on the training completions
-    censoring: str = "censor"
-    seed: int = 0
     micro_batch: int = 4  # completions per forward (gradient accumulation; the loss is the same)
 
     def check(self) -> None:
-        for name in ("epochs", "batch", "micro_batch"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
-        for name in ("lr", "grad_clip"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value)
-                                                                                    and value > 0):
-                raise ValueError(f"{name} must be a positive number; got {value!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < math.inf):
-            raise ValueError(f"weight_decay must be a number >= 0; got {self.weight_decay!r}")
-        if not 0 <= self.warmup < 1:
-            raise ValueError(f"warmup is a share of the updates in [0, 1); got {self.warmup!r}")
-        if self.gamma is not None:
-            check_gamma(self.gamma)
-        if self.censoring not in CENSORING_MODES:
-            raise ValueError(f"censoring must be one of {CENSORING_MODES}; got {self.censoring!r}")
+        super().check()
+        if not isinstance(self.micro_batch, int) or isinstance(self.micro_batch, bool) or self.micro_batch < 1:
+            raise ValueError(f"micro_batch must be a positive int; got {self.micro_batch!r}")
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -54,8 +54,13 @@ class TrainSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number; got {self.lr!r}")
+        for name in ("lr", "grad_clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value)
+                                                                                    and value > 0):
+                raise ValueError(f"{name} must be a positive number; got {value!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < math.inf):
+            raise ValueError(f"weight_decay must be a number >= 0; got {self.weight_decay!r}")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a share of the updates in [0, 1); got {self.warmup!r}")
         if self.gamma is not None:
