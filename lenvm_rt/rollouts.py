@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from . import _native
+from .eval.data import read_jsonl
 from .runtime import Runtime
 from .tokenizer import tokenizer_fingerprint
 
@@ -95,30 +96,23 @@ def completion_seed(seed: int, prompt_id: str, sample: int) -> int:
 def read_prompts(path: str | os.PathLike[str]) -> list[PromptRecord]:
     """Prompt records from JSONL; ValueError naming the line for anything malformed."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
+    rows, errors = read_jsonl(p)
+    if errors:  # training data is all or nothing: the first bad line stops the run
+        number, reason = errors[0]
+        raise ValueError(f"{p}:{number}: {reason}")
     records: list[PromptRecord] = []
     seen: set[str] = set()
-    with open(p, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{p}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{p}:{number}: expected a JSON object")
-            prompt = row.get("messages", row.get("prompt"))
-            if not (isinstance(prompt, str) and prompt) and not (isinstance(prompt, list) and prompt):
-                raise ValueError(f"{p}:{number}: needs a non-empty 'prompt' (text) or 'messages' (chat)")
-            if isinstance(prompt, str):  # a text prompt is the user's message, as the model was tuned to see it
-                prompt = [{"role": "user", "content": prompt}]
-            rid = str(row.get("id", number))
-            if rid in seen:
-                raise ValueError(f"{p}:{number}: duplicate id {rid!r}")
-            seen.add(rid)
-            records.append(PromptRecord(rid, prompt, str(row.get("domain", "unknown")), str(row.get("split", "train"))))
+    for number, row in rows:
+        prompt = row.get("messages", row.get("prompt"))
+        if not (isinstance(prompt, str) and prompt) and not (isinstance(prompt, list) and prompt):
+            raise ValueError(f"{p}:{number}: needs a non-empty 'prompt' (text) or 'messages' (chat)")
+        if isinstance(prompt, str):  # a text prompt is the user's message, as the model was tuned to see it
+            prompt = [{"role": "user", "content": prompt}]
+        rid = str(row.get("id", number))
+        if rid in seen:
+            raise ValueError(f"{p}:{number}: duplicate id {rid!r}")
+        seen.add(rid)
+        records.append(PromptRecord(rid, prompt, str(row.get("domain", "unknown")), str(row.get("split", "train"))))
     if not records:
         raise ValueError(f"{p} holds no prompts")
     return records
