@@ -280,12 +280,13 @@ def _continuous_batch(runtime: Runtime, todo: list[tuple[PromptRecord, list[int]
             ids = torch.tensor([s.pending if s is not None else 0 for s in slots], device=model.device)
             x = model.decode_step(ids, positions)
             hn = model.normed(x)
+            captured = hn.to(torch.float16).cpu().numpy()  # one conversion for the batch, rows taken below
             need: list[int] = []
             for b, job in enumerate(slots):
                 if job is None:
                     continue
                 if job.hidden is not None:
-                    job.hidden.append(hn[b].to(torch.float16).cpu().numpy())
+                    job.hidden.append(captured[b].copy())  # a copy: a view would keep the batch alive
                 r = job.rollout
                 if r.completion_ids[-1] in eos or r.length == settings.max_tokens:
                     r.finish_reason = "stop" if r.completion_ids[-1] in eos else "length"
@@ -321,10 +322,11 @@ def _start(model: Any, queue: Iterator[tuple[PromptRecord, list[int], int]], fre
     padded, lengths = right_padded([job.rollout.prompt_ids for _, job in jobs])
     x = model.prefill(padded.to(model.device), lengths, slots=[b for b, _ in jobs])
     hn = model.normed(x)
+    captured = hn.to(torch.float16).cpu().numpy()
     drawn = sampler(model.lm_logits(hn), [job.seed for _, job in jobs], [0] * len(jobs))
     for row, ((b, job), token) in enumerate(zip(jobs, drawn)):
         if job.hidden is not None:
-            job.hidden.append(hn[row].to(torch.float16).cpu().numpy())
+            job.hidden.append(captured[row].copy())
         job.pending = token
         job.rollout.completion_ids.append(token)
         positions[b] = lengths[row]
