@@ -91,6 +91,17 @@ class _Rows:
         return out
 
 
+def _live_width(filled: torch.Tensor, guided: torch.Tensor) -> int:
+    """Slots the lookahead needs this step: the most filled slots of any guided row (unguided: 1).
+
+    Filled slots are a prefix of each row (candidates sorted by probability, filters monotone, a
+    forced EOS takes the first empty slot), so cutting the empty tail changes no choice and saves
+    the lookahead rows a min-p or top-p filter emptied (one host sync per step, as emitting does).
+    """
+    counts = torch.where(guided, filled.sum(dim=-1), 1)
+    return int(counts.max())
+
+
 def decode(model: CausalLM, value: ValueModel | None, prompts: list[list[int]], samplings: list[Sampling],
            guidances: list[Guidance | None], max_new_tokens: int, eos_ids: frozenset[int],
            context: int, stopwatch: Stopwatch | None = None) -> Iterator[list[Emitted | None]]:
@@ -135,6 +146,7 @@ def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], sampli
     chooser = TokenChooser(samplings, dev)
     guided = [b for b, g in enumerate(guidances) if g is not None]
     unguided = torch.tensor([g is None for g in guidances], device=dev)
+    guided_mask = ~unguided
     settings = CandidateSettings.of(samplings, eos_ids, dev)
     selector = make_selector([guidances[b] for b in guided], [samplings[b] for b in guided],
                              chooser.seeds[guided], max_new_tokens, value.gamma, eos_ids, dev) if guided else None
@@ -155,7 +167,9 @@ def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], sampli
             # unguided rows: exactly their plain-decoding draw (skipped when every row is guided)
             plain = chooser(logits, [step] * B) if len(guided) < B else torch.zeros(B, dtype=torch.long, device=dev)
             ban, force = eos_rule.masks(step)
-            cand, logp, _ = build_candidates(logits, settings, ban, force)  # [B, K]
+            cand, logp, filled = build_candidates(logits, settings, ban, force)  # [B, K]
+            width = _live_width(filled, guided_mask)
+            cand, logp = cand[:, :width], logp[:, :width]
             cand = torch.where(unguided.view(-1, 1), plain.view(-1, 1), cand)
             watch.lap("lm_head_and_candidates")
             lookahead = trunk.lookahead(cand, positions, pos)  # [B, K, D]

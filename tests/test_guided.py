@@ -14,6 +14,7 @@ from checkpoints import make_checkpoint, make_value_head
 
 import lenvm_rt
 from lenvm_rt import LengthTarget, Sampling
+from lenvm_rt import decode as decode_module
 from lenvm_rt.value_math import logit_of_length, remaining_from_logit
 from lenvm_rt.values import ValueModel
 
@@ -159,3 +160,29 @@ def test_every_selector_makes_the_same_choices(rt, kind, kernel_device, monkeypa
     monkeypatch.setattr(decode_module, "make_selector", other)
     again = rt.generate_batch(prompts, max_new_tokens=10, sampling=samplings, length=lengths, tilt=tilts)
     assert [g.token_ids for g in again] == [g.token_ids for g in native]
+
+
+def test_lookahead_skips_the_slots_the_filters_emptied(rt, monkeypatch):
+    prompts = [[5, 17, 42], [9, 8, 7, 6], [100, 101]]
+    narrow = Sampling(temperature=1.0, top_k=64, min_p=0.05, seed=3)
+    favoured = torch.zeros(384)
+    favoured[10:20] = torch.linspace(8.0, 4.0, 10)  # a few clearly more probable tokens for min-p to keep
+    logits = rt.model.logits
+    monkeypatch.setattr(rt.model, "logits", lambda x: logits(x) + favoured)
+    kwargs = dict(max_new_tokens=10, sampling=[narrow, GUIDED, narrow],
+                  length=[LengthTarget.equal(7), None, LengthTarget.at_least(5)])
+    widths: list[int] = []
+    lookahead = rt.value.trunk.lookahead
+
+    def recording(cand, *args):
+        widths.append(cand.shape[1])
+        return lookahead(cand, *args)
+
+    monkeypatch.setattr(rt.value.trunk, "lookahead", recording)
+    trimmed = rt.generate_batch(prompts, **kwargs)
+    assert widths and 1 < max(widths) < 64  # min-p keeps a few of the 64 slots; the unguided row needs 1
+    monkeypatch.setattr(decode_module, "_live_width", lambda filled, guided: filled.shape[1])
+    widths.clear()
+    full = rt.generate_batch(prompts, **kwargs)
+    assert set(widths) == {64}
+    assert [o.token_ids for o in trimmed] == [o.token_ids for o in full]
