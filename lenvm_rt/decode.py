@@ -10,7 +10,8 @@ Plain: prefill, then one decode_step per token; rows sample with their own filte
 
 With a value model, every step is one lookahead over K candidate slots per row (LENVM.md §4.1):
   1. candidates from the policy logits (guided rows), or the row's own sample in slot 0 (unguided
-     rows: they keep their filters and seeds exactly as in plain decoding, R2)
+     rows: they keep their filters and seeds exactly as in plain decoding, R2); K is cut to the
+     most slots any guided row filled this step
   2. values z[B, K] of the state each candidate leads to: the shared trunk's own lookahead
      (configuration b), or the separate LenVM's lookahead over its own cache (configuration a)
   3. the step controller picks a slot per guided row (one call for the batch)
