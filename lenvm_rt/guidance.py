@@ -11,7 +11,8 @@ off), then top-p on the exclusive prefix mass of full-vocabulary probabilities, 
 the row's most probable token. Slot 0 always survives. Unfilled slots repeat slot 0's id (so the
 lookahead has a real token to run) and carry logp = -inf.
 
-EOS (EosRule): rows in `ban_eos` (At Least before its target) never see an EOS candidate; rows in
+EOS (EosRule): rows in `ban_eos` (At Least, and the quality-preserving Equal-To rules, before their
+target) never see an EOS candidate; rows in
 `force_eos` (any length rule from its target on) always do: when the filters dropped EOS, it takes the
 first empty slot (else the last one) with its own log-probability, so a row can end where its target says even when the
 policy ranks EOS below its top-k (EOS reachability).
@@ -29,6 +30,10 @@ from .select_ref import AT_LEAST, AT_MOST, EQUAL, EQUAL_BAND, TILT
 DEFAULT_K = 15  # LIFEBench guided settings use top-k 15 (LENVM.md §4.2)
 K_MAX = 64
 _RULES = {"equal": EQUAL, "at_most": AT_MOST, "at_least": AT_LEAST}
+# Rules whose rows never see EOS before their target: At Least by definition, and the tolerance band,
+# whose text should end where the target says rather than wherever every continuation looks long
+# (the paper's strict Equal To keeps EOS as a candidate at every step, value 0).
+EOS_BANNED_BEFORE_TARGET = frozenset({AT_LEAST, EQUAL_BAND})
 
 
 @dataclass(frozen=True)
@@ -92,16 +97,17 @@ class EosRule:
         length_rows = [g is not None and g.rule != TILT for g in guidances]
         self.target = torch.tensor([g.target if on else never for g, on in zip(guidances, length_rows)],
                                    device=device)
-        self.at_least = torch.tensor([g is not None and g.rule == AT_LEAST for g in guidances], device=device)
+        banning = [g is not None and g.rule in EOS_BANNED_BEFORE_TARGET for g in guidances]
+        self.banning = torch.tensor(banning, device=device)
         self.any_length = any(length_rows)
-        self.any_at_least = any(bool(g is not None and g.rule == AT_LEAST) for g in guidances)
+        self.any_banning = any(banning)
 
     def masks(self, step: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(ban[B], force[B]) for the token drawn at 0-based `step`, i.e. the (step + 1)-th generated."""
         if not self.any_length:
             return None, None
         before = step + 1 < self.target
-        return (self.at_least & before) if self.any_at_least else None, ~before
+        return (self.banning & before) if self.any_banning else None, ~before
 
 
 def build_candidates(logits: torch.Tensor, cfg: CandidateSettings, ban_eos: torch.Tensor | None,

@@ -54,6 +54,16 @@ def test_eos_rule_per_row_and_step():
     assert EosRule([None, Guidance.of(None, 1.0)], torch.device("cpu")).masks(0) == (None, None)
 
 
+def test_band_rows_see_no_eos_before_their_target_and_strict_rows_always_do():
+    guidances = [Guidance.of(LengthTarget.equal(3, rule="band"), None), Guidance.of(LengthTarget.equal(3), None)]
+    rule = EosRule(guidances, torch.device("cpu"))  # T = 4 generated tokens for both
+    for step in range(3):
+        ban, force = rule.masks(step)
+        assert ban.tolist() == [True, False] and force.tolist() == [False, False]
+    ban, force = rule.masks(step=3)  # the 4th token: the target, EOS forced in for both
+    assert ban.tolist() == [False, False] and force.tolist() == [True, True]
+
+
 def test_forced_eos_fills_the_first_empty_slot():
     logits = _logits(eos_rank=20)
     logits[0, 0] = 10.0  # one dominant token: min-p leaves a single filled slot

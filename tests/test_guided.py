@@ -66,6 +66,15 @@ def test_equal_to_hits_the_exact_target(rt, n):
     assert out.token_ids[-1] in rt.eos_token_ids and not rt.eos_token_ids & set(out.token_ids[:-1])
 
 
+@pytest.mark.parametrize("n", [1, 5, 17, 33])
+def test_band_rule_ends_exactly_at_the_target_though_eos_is_always_most_probable(rt, n):
+    for seed in range(3):
+        out = rt.generate([5, 17, 42], max_new_tokens=80, sampling=Sampling(temperature=1.0, top_k=64, seed=seed),
+                          length=LengthTarget.equal(n, rule="band"))
+        assert out.num_tokens == n + 1 and out.finish_reason == "stop"
+        assert not rt.eos_token_ids & set(out.token_ids[:-1])
+
+
 @pytest.mark.parametrize("n", [3, 20])
 def test_at_least_never_stops_early(rt, n):
     out = rt.generate([9, 8, 7], max_new_tokens=60, sampling=GUIDED, length=LengthTarget.at_least(n))
