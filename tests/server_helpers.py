@@ -1,0 +1,47 @@
+"""Shared pieces of the server tests: a tiny random runtime and an engine driven synchronously."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from checkpoints import make_checkpoint, make_value_head
+
+import lenvm_rt
+from lenvm_rt.runtime import Runtime
+from lenvm_rt.server.engine import Engine, EngineEvent
+
+
+def tiny_runtime(root: Path, *, value: bool = True) -> Runtime:
+    """A random 2-layer Llama (hidden 64, context 512) with a random head on its own trunk."""
+    policy = make_checkpoint(root / "policy", "llama", seed=3)
+    head = make_value_head(root / "head" / "value_head.safetensors", 64, gamma=0.97) if value else None
+    return lenvm_rt.load(policy, value_model=head, device="cpu")
+
+
+class Collector:
+    """Gathers one request's events; `wait()` returns (tokens, remaining, finish_reason)."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.remaining: list[float] = []
+        self.reason: str | None = None
+        self.done = threading.Event()
+
+    def __call__(self, ev: EngineEvent) -> None:
+        if ev.token_id is not None:
+            self.tokens.append(ev.token_id)
+            if ev.remaining is not None:
+                self.remaining.append(ev.remaining)
+        if ev.finish_reason is not None:
+            self.reason = ev.finish_reason
+            self.done.set()
+
+    def wait(self, timeout: float = 60.0) -> tuple[list[int], list[float], str | None]:
+        assert self.done.wait(timeout), "request not answered in time"
+        return self.tokens, self.remaining, self.reason
+
+
+def run_alone(engine: Engine, prompt_ids, max_new, sampling, guidance):
+    c = Collector()
+    engine.submit(prompt_ids, max_new, sampling, guidance, c)
+    return c.wait()

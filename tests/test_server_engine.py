@@ -1,0 +1,103 @@
+"""The continuous-batching engine: rows join and leave one running batch, and every request's tokens equal
+`Runtime.generate` of the same request alone (plain and guided rows mixed, staggered arrivals)."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+from server_helpers import Collector, tiny_runtime
+
+from lenvm_rt import LengthTarget, Sampling
+from lenvm_rt.guidance import Guidance
+from lenvm_rt.server.engine import Engine, QueueFull
+
+
+@pytest.fixture(scope="module")
+def rt(tmp_path_factory):
+    return tiny_runtime(tmp_path_factory.mktemp("engine"))
+
+
+def _requests():
+    """(prompt ids, max_new, sampling, length, tilt): plain, sampled, guided by each rule, tilted."""
+    return [
+        ([5, 17, 42], 9, Sampling(temperature=0, seed=1), None, None),
+        ([9, 8, 7, 6, 5, 4], 14, Sampling(temperature=0.9, top_p=0.9, seed=2), None, None),
+        ([100, 101], 12, Sampling(temperature=1.0, top_k=15, seed=3), LengthTarget.equal(5), None),
+        ([11, 12, 13, 14], 6, Sampling(temperature=0, min_p=0.1, seed=4), LengthTarget.at_most(3), None),
+        ([30, 31, 32], 10, Sampling(temperature=1.0, top_k=10, seed=5), LengthTarget.at_least(7), None),
+        ([40, 41], 11, Sampling(temperature=0.7, top_k=20, seed=6), None, -2.0),
+        ([50], 16, Sampling(temperature=1.0, seed=7), None, None),
+        ([60, 61, 62, 63, 64], 8, Sampling(temperature=1.0, top_k=15, seed=8), LengthTarget.equal(3), None),
+    ]
+
+
+def test_each_request_equals_runtime_generate_alone(rt):
+    expected = [rt.generate(p, max_new_tokens=n, sampling=s, length=ln, tilt=t) for p, n, s, ln, t in _requests()]
+    engine = Engine(rt, max_batch=4, max_queue=16).start()  # 8 requests through 4 rows: join and leave
+    try:
+        collectors = []
+        for i, (p, n, s, ln, t) in enumerate(_requests()):
+            c = Collector()
+            engine.submit(p, n, s, Guidance.of(ln, t), c)
+            collectors.append(c)
+            if i == 2:  # a late arrival joins a batch already running
+                collectors[0].done.wait(30)
+        for c, gen in zip(collectors, expected):
+            tokens, remaining, reason = c.wait()
+            assert tokens == gen.token_ids
+            assert reason == gen.finish_reason
+            assert remaining == pytest.approx(gen.values, rel=1e-5, abs=1e-6)
+        assert engine.load() == (0, 0)
+    finally:
+        engine.stop()
+
+
+def test_plain_runtime_without_value_model(tmp_path):
+    rt = tiny_runtime(tmp_path, value=False)
+    reqs = [r for r in _requests() if r[3] is None and r[4] is None]
+    expected = [rt.generate(p, max_new_tokens=n, sampling=s).token_ids for p, n, s, _, _ in reqs]
+    engine = Engine(rt, max_batch=2).start()
+    try:
+        collectors = [Collector() for _ in reqs]
+        for c, (p, n, s, _, _) in zip(collectors, reqs):
+            engine.submit(p, n, s, None, c)
+        assert [c.wait()[0] for c in collectors] == expected
+        assert all(c.remaining == [] for c in collectors)
+    finally:
+        engine.stop()
+
+
+def test_cancel_frees_the_row_and_the_queue_is_bounded(rt):
+    engine = Engine(rt, max_batch=1, max_queue=2).start()
+    try:
+        gate = threading.Event()
+        first = Collector()
+
+        def slow(ev):
+            first(ev)
+            gate.wait(10)  # hold the engine thread inside the first step
+
+        r1 = engine.submit([5, 6], 400, Sampling(temperature=0), None, slow)
+        r2c = Collector()
+        engine.submit([7, 8], 3, Sampling(temperature=0), None, r2c)
+        with pytest.raises(QueueFull):
+            engine.submit([9], 3, Sampling(temperature=0), None, Collector())
+        r1.cancel()
+        gate.set()
+        assert first.wait()[2] == "cancelled" and len(first.tokens) < 400
+        assert r2c.wait()[2] == "length" and len(r2c.tokens) == 3
+        assert engine.load() == (0, 0)
+    finally:
+        engine.stop()
+
+
+def test_length_prediction_runs_beside_a_running_batch(rt):
+    engine = Engine(rt, max_batch=2).start()
+    try:
+        c = Collector()
+        engine.submit([5, 17, 42], 30, Sampling(temperature=0, seed=1), None, c)
+        predicted = engine.call(lambda e: e.predict_lengths([[5, 17, 42], [1, 2, 3, 4]])).result(30)
+        assert predicted == pytest.approx(rt.predict_length([[5, 17, 42], [1, 2, 3, 4]]), rel=1e-4)
+        assert c.wait()[0] == rt.generate([5, 17, 42], max_new_tokens=30, sampling=Sampling(temperature=0)).token_ids
+    finally:
+        engine.stop()
