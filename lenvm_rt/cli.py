@@ -7,6 +7,8 @@
     lenvm-rt bench decode [--json] ...              per-token time vs transformers and the floor
     lenvm-rt bench guided [--json] ...              guided vs plain, both configurations, vs the reference
     lenvm-rt bench value-head [--json] ...          the value read's cost on top of a decode step
+    lenvm-rt bench serve [--json] ...               the server: throughput, TTFT, ITL at 1/4/16 streams
+    lenvm-rt serve --model M [--value-model V] [--host 127.0.0.1] [--port 8000]   OpenAI-compatible server
     lenvm-rt prompt-mix | rollouts | train ...      value pretraining (cli_train.py)
     lenvm-rt eval lifebench | tradeoff | mre | length-tokens | report ...   evaluation suites
 
@@ -246,6 +248,38 @@ def cmd_bench_value_head(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .server.app import create_app
+        from .server.engine import Engine
+    except ImportError as exc:
+        raise RuntimeError(f"serving needs the serve extra: pip install 'lenvm_rt[serve]' ({exc})") from None
+    rt = _load(a)
+    engine = Engine(rt, max_batch=a.max_batch, max_queue=a.max_queue)
+    name = a.served_model_name or a.model
+    print(f"serving {name} on http://{a.host}:{a.port} (value model: {rt.value is not None})", file=sys.stderr)
+    uvicorn.run(create_app(engine, name), host=a.host, port=a.port, log_level=a.log_level, ws="none")
+    return 0
+
+
+def cmd_bench_serve(a: argparse.Namespace) -> int:
+    from .bench.serve import run
+
+    rt = _load(a)
+    results = run(rt, model_name=a.model, streams=a.streams, requests=a.requests, tokens=a.tokens,
+                  max_batch=a.max_batch, out=a.out)
+    if a.json:
+        print(json.dumps(results))
+    return 0
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-batch", type=int, default=16, help="rows of the running decode batch")
+    p.add_argument("--max-queue", type=int, default=64, help="requests held (running + waiting); more get 429")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lenvm-rt", description="Length Value Model runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -315,6 +349,25 @@ def build_parser() -> argparse.ArgumentParser:
     vh.add_argument("--out", default="benchmarks/results/bench_value_head.json")
     vh.add_argument("--json", action="store_true", help="print the results as JSON")
     vh.set_defaults(func=cmd_bench_value_head)
+    bs = bench_sub.add_parser("serve", help="the server engine: throughput, TTFT and ITL at 1/4/16 concurrent streams")
+    _model_args(bs)
+    _value_args(bs, required=False)
+    bs.add_argument("--streams", default="1,4,16", help="concurrent streams, comma-separated")
+    bs.add_argument("--requests", type=int, default=16, help="requests per concurrency level (at least the streams)")
+    bs.add_argument("--tokens", type=int, default=32, help="max tokens per request")
+    bs.add_argument("--max-batch", type=int, default=16)
+    bs.add_argument("--out", default="benchmarks/results/bench_serve.json")
+    bs.add_argument("--json", action="store_true", help="print the results as JSON")
+    bs.set_defaults(func=cmd_bench_serve)
+    serve = sub.add_parser("serve", help="OpenAI-compatible, length-aware HTTP server with continuous batching")
+    _model_args(serve)
+    _value_args(serve, required=False)
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _serve_args(serve)
+    serve.set_defaults(func=cmd_serve)
     add_training_commands(sub)
     ev = sub.add_parser("eval", help="evaluation suites (lifebench, tradeoff, mre, length-tokens, report, ...)")
     eval_sub = ev.add_subparsers(dest="eval", required=True)

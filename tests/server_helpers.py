@@ -15,7 +15,13 @@ def tiny_runtime(root: Path, *, value: bool = True) -> Runtime:
     """A random 2-layer Llama (hidden 64, context 512) with a random head on its own trunk."""
     policy = make_checkpoint(root / "policy", "llama", seed=3)
     head = make_value_head(root / "head" / "value_head.safetensors", 64, gamma=0.97) if value else None
-    return lenvm_rt.load(policy, value_model=head, device="cpu")
+    rt = lenvm_rt.load(policy, value_model=head, device="cpu")
+    if rt.value is not None:  # the torch head: under TRITON_INTERPRET the interpreted kernel would take 90% of the time
+        from lenvm_rt.kernels.value_head import value_head
+
+        vm, h = rt.value, rt.value.head
+        vm.values = lambda x: value_head(x, vm._final_norm, h.w1, h.b1, h.w2, h.b2, eps=vm._eps, backend="torch")
+    return rt
 
 
 class Collector:

@@ -92,12 +92,15 @@ def test_cancel_frees_the_row_and_the_queue_is_bounded(rt):
 
 
 def test_length_prediction_runs_beside_a_running_batch(rt):
+    prompts = [[5, 17, 42], [1, 2, 3, 4]]
+    expected = rt.predict_length(prompts)  # before the engine starts: it owns the model while it runs
+    tokens = rt.generate(prompts[0], max_new_tokens=30, sampling=Sampling(temperature=0)).token_ids
     engine = Engine(rt, max_batch=2).start()
     try:
         c = Collector()
-        engine.submit([5, 17, 42], 30, Sampling(temperature=0, seed=1), None, c)
-        predicted = engine.call(lambda e: e.predict_lengths([[5, 17, 42], [1, 2, 3, 4]])).result(30)
-        assert predicted == pytest.approx(rt.predict_length([[5, 17, 42], [1, 2, 3, 4]]), rel=1e-4)
-        assert c.wait()[0] == rt.generate([5, 17, 42], max_new_tokens=30, sampling=Sampling(temperature=0)).token_ids
+        engine.submit(prompts[0], 30, Sampling(temperature=0, seed=1), None, c)
+        predicted = engine.call(lambda e: e.predict_lengths(prompts)).result(30)
+        assert predicted == pytest.approx(expected, rel=1e-4)
+        assert c.wait()[0] == tokens
     finally:
         engine.stop()
