@@ -71,8 +71,8 @@ void GuidanceBatch::admit(std::int64_t slot, std::int32_t rule, std::int64_t tar
     if (checked_row(slot).active) {
         fail("slot", "a free slot (retire it first)", std::to_string(slot) + ", which is active");
     }
-    check(rule >= kEqual && rule <= kEqualBand, "rule",
-          "1 (equal), 2 (at_most), 3 (at_least), 4 (tilt) or 5 (equal_band)", rule);
+    check(rule >= kEqual && rule <= kEqualSoft, "rule",
+          "1 (equal), 2 (at_most), 3 (at_least), 4 (tilt), 5 (equal_band) or 6 (equal_soft)", rule);
     check(rule == kTilt || target >= 1, "target", "an integer >= 1 for every rule but tilt", target);
     check(max_new >= 1, "max_new", "an integer >= 1", max_new);
     check(gamma > 0.0 && gamma < 1.0, "gamma", "a number in (0, 1)", gamma);
@@ -181,6 +181,7 @@ std::int64_t GuidanceBatch::equal_slot(const GuidanceRow& row, const std::int32_
         return std::fabs(remaining - rho);
     };
     const std::int64_t closest = best_slot(n, distance, less);
+    if (row.rule == kEqualSoft) return soft_slot(row, ids, logp, z, n, closest);
     const float band = rho > 0.0f ? std::max(kBandAbs, kBandRel * rho) : 0.0f;  // at the target: EOS only
     // The closest candidate is in band whenever any is; otherwise EQUAL_BAND makes EQUAL's choice.
     if (row.rule == kEqual || !(distance(closest) <= band)) return closest;
@@ -210,6 +211,84 @@ std::int64_t GuidanceBatch::equal_slot(const GuidanceRow& row, const std::int32_
     return last;
 }
 
+std::int64_t GuidanceBatch::soft_slot(const GuidanceRow& row, const std::int32_t* ids, const float* logp,
+                                      const float* z, std::int64_t n, std::int64_t closest) const {
+    // select_ref.soft_target / soft_tilt / soft_lambda / soft_slot, operation for operation in double. The float
+    // scores are recomputed where needed (same operations, same bits): no per-step buffer.
+    const auto u = [&](std::int64_t j) {
+        return static_cast<double>(is_eos(ids[j]) ? 0.0f : value_of_logit(z[j]));
+    };
+    const double rho = static_cast<double>(std::max<std::int64_t>(row.target - row.generated - 1, 0));
+    const double u_star = 1.0 - std::exp(-rho * static_cast<double>(row.neg_log_gamma));
+    double u_min = u(0);
+    double u_max = u_min;
+    double top = static_cast<double>(logp[0]);
+    for (std::int64_t j = 1; j < n; ++j) {
+        u_min = std::min(u_min, u(j));
+        u_max = std::max(u_max, u(j));
+        top = std::max(top, static_cast<double>(logp[j]));
+    }
+    if (!(u_min < u_star && u_star < u_max)) return closest;  // outside the range: EQUAL's choice
+
+    const auto a = [&](std::int64_t j) { return static_cast<double>(logp[j]) - top; };
+    const auto d = [&](std::int64_t j) { return u(j) - u_min; };
+    const auto score = [&](std::int64_t j, double lam) { return a(j) + lam * d(j); };
+    const auto max_score = [&](double lam) {
+        double m = score(0, lam);
+        for (std::int64_t j = 1; j < n; ++j) m = std::max(m, score(j, lam));
+        return m;
+    };
+    const double g = u_star - u_min;
+    double lo = -kSoftBound;
+    double hi = kSoftBound;
+    double lam = 0.0;
+    for (int it = 0; it < kSoftIterations; ++it) {
+        const double s_max = max_score(lam);
+        double s0 = 0.0, s1 = 0.0, s2 = 0.0;
+        for (std::int64_t j = 0; j < n; ++j) {
+            const double w = std::exp(score(j, lam) - s_max);
+            const double dj = d(j);
+            s0 += w;
+            s1 += w * dj;
+            s2 += w * dj * dj;
+        }
+        const double m = s1 / s0;
+        const double v = s2 / s0 - m * m;
+        const double f = m - g;
+        if (f > 0.0) {
+            hi = lam;
+        } else if (f < 0.0) {
+            lo = lam;
+        }
+        const double step = v > 0.0 ? lam - f / v : std::nan("");
+        lam = (lo <= step && step <= hi) ? step : 0.5 * (lo + hi);
+    }
+
+    if (row.greedy) {
+        std::int64_t best = 0;
+        double best_score = score(0, lam);
+        for (std::int64_t j = 1; j < n; ++j) {
+            const double sj = score(j, lam);
+            if (sj > best_score) {
+                best = j;
+                best_score = sj;
+            }
+        }
+        return best;
+    }
+    const double s_max = max_score(lam);
+    double total = 0.0;
+    for (std::int64_t j = 0; j < n; ++j) total += std::exp(score(j, lam) - s_max);
+    const double r =
+        static_cast<double>(rng::uniform(row.seed, static_cast<std::uint32_t>(row.generated), kGuidanceStream)) * total;
+    double cdf = 0.0;
+    for (std::int64_t j = 0; j < n; ++j) {
+        cdf += std::exp(score(j, lam) - s_max);
+        if (cdf > r) return j;
+    }
+    return n - 1;
+}
+
 Choice GuidanceBatch::select(const GuidanceRow& row, const std::int32_t* ids, const float* logp, const float* z,
                              std::int64_t k) const {
     std::int64_t n = 1;  // filled slots form a prefix (validated)
@@ -222,6 +301,7 @@ Choice GuidanceBatch::select(const GuidanceRow& row, const std::int32_t* ids, co
     switch (row.rule) {
         case kEqual:
         case kEqualBand:
+        case kEqualSoft:
             slot = equal_slot(row, ids, logp, z, n);
             break;
         case kAtMost:

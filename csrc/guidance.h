@@ -8,7 +8,11 @@
 // tolerance band) keeps the candidates with |l̂ - ρ| <= max(kBandAbs, kBandRel·ρ) while ρ > 0 (EOS only once
 // ρ = 0), computed as EQUAL computes |l̂ - ρ|, and draws among them by exp(logp - max in-band logp) with the same uniform and inverse CDF (the last
 // in-band slot when no running sum exceeds U·total), or takes their argmax logp when greedy; with none in band it
-// makes EQUAL's choice. Its stop rules are EQUAL's.
+// makes EQUAL's choice. Its stop rules are EQUAL's. EQUAL_SOFT (the soft Equal To, reference `eq_soft`) works in
+// double on the float u: target u* = 1 - exp(-ρ·nlg); u* <= min u or u* >= max u makes EQUAL's choice; otherwise
+// p' ∝ exp(a + λ·d) (a = logp - max logp, d = u - min u) with λ from exactly kSoftIterations safeguarded Newton
+// steps in [-kSoftBound, kSoftBound] (select_ref.soft_lambda, the same double operations in the same order), then
+// argmax(a + λ·d) when greedy or the inverse CDF over the double weights with TILT's uniform. Stop rules as EQUAL.
 //
 // Shapes: B batch rows, K candidate slots per row, C capacity (slots of the table), E EOS ids.
 //   rows       int32 [B]     slot of each batch row; distinct, each slot admitted and not retired
@@ -34,12 +38,14 @@
 
 namespace lenvm {
 
-enum Rule : std::int32_t { kEqual = 1, kAtMost = 2, kAtLeast = 3, kTilt = 4, kEqualBand = 5 };
+enum Rule : std::int32_t { kEqual = 1, kAtMost = 2, kAtLeast = 3, kTilt = 4, kEqualBand = 5, kEqualSoft = 6 };
 
 inline constexpr std::uint32_t kGuidanceStream = 1;  // Philox stream of guided draws; 0 is plain sampling
 inline constexpr double kMaxAbsBeta = 1e30;           // keeps logp + β·u finite for every finite logp
 inline constexpr float kBandRel = 0.25f;  // EQUAL_BAND half-width max(kBandAbs, kBandRel·ρ) in tokens, as
 inline constexpr float kBandAbs = 2.0f;   // BAND_REL / BAND_ABS of lenvm_rt/select_ref.py
+inline constexpr int kSoftIterations = 20;      // EQUAL_SOFT's solver: SOFT_ITERATIONS / SOFT_BOUND of
+inline constexpr double kSoftBound = 1e5;        // lenvm_rt/select_ref.py (no early exit)
 inline constexpr std::int64_t kMaxCapacity = std::int64_t{1} << 24;
 
 // One slot of the table.
@@ -79,7 +85,7 @@ public:
     // capacity in [1, kMaxCapacity]; eos_ids non-empty, each >= 0 (eos_ids[0] is the forced EOS token).
     GuidanceBatch(std::int64_t capacity, std::vector<std::int32_t> eos_ids);
 
-    // Start a request in a free slot with t = 0. rule in {1, ..., 5}; target >= 1 unless rule is TILT;
+    // Start a request in a free slot with t = 0. rule in {1, ..., 6}; target >= 1 unless rule is TILT;
     // max_new >= 1; 0 < gamma < 1; beta finite with |beta| <= kMaxAbsBeta.
     void admit(std::int64_t slot, std::int32_t rule, std::int64_t target, std::int64_t max_new, double gamma,
                double beta, std::uint64_t seed, bool greedy);
@@ -102,6 +108,8 @@ private:
                   std::int64_t k) const;
     std::int64_t equal_slot(const GuidanceRow& row, const std::int32_t* ids, const float* logp, const float* z,
                             std::int64_t n) const;
+    std::int64_t soft_slot(const GuidanceRow& row, const std::int32_t* ids, const float* logp, const float* z,
+                           std::int64_t n, std::int64_t closest) const;
     std::int64_t tilt_slot(const GuidanceRow& row, const std::int32_t* ids, const float* logp, const float* z,
                            std::int64_t n) const;
 

@@ -11,6 +11,10 @@ Math:     the rules of lenvm_rt/select_ref.py (the specification; the C++ core `
             EQUAL_BAND in band: |l̂ - ρ| <= max(BAND_ABS, BAND_REL·ρ); greedy rows take the in-band argmax of logp,
                       others the first slot whose running sum of exp(logp - max in-band logp) (0 out of band)
                       exceeds U·total with TILT's U, else the last in-band slot; none in band: EQUAL's choice
+            EQUAL_SOFT in fp64 on the fp32 u: u* = 1 - exp(-ρ·nlg); u* <= min u or u* >= max u: EQUAL's choice;
+                      else p' ∝ exp(a + λ·d), a = logp - max logp, d = u - min u, λ after exactly SOFT_ITERATIONS
+                      safeguarded Newton steps in [-SOFT_BOUND, SOFT_BOUND] (select_ref.soft_lambda); greedy rows
+                      take argmax(a + λ·d), others the inverse CDF over the fp64 weights with TILT's U
           done = token is EOS or t + 1 >= max_new; then t += 1 for every row.
 Shapes:   B rows, K <= 64 candidate slots, C slots of the state table, E EOS ids.
           rows int32[B] (distinct slots of the table), cand_ids int32[B, K] (-1 = empty; filled slots first, slot 0
@@ -23,7 +27,9 @@ Contract: no host sync (only tensor metadata is checked, so duplicate rows, NaN 
           [0, C) come back as slot = token = -1, done = True and touch no state. No device query at import. GPU
           launches disable fp fusion and use round-to-nearest division so each fp32 operation rounds like numpy's;
           exp, log and the cumulative sum may still differ from numpy's by an ulp, which can change a choice only
-          at a near-tie (a decision margin of a few ulp).
+          at a near-tie (a decision margin of a few ulp). EQUAL_SOFT's fp64 sums are reductions here (slot order in
+          the specification), so its λ may differ in the last bits too. Every row runs EQUAL_SOFT's 21 passes of K
+          fp64 exps whatever its rule (one code path, no divergence): negligible next to the launch.
 """
 
 from __future__ import annotations
@@ -37,8 +43,10 @@ from ._compat import tl, triton
 from .value_head import describe, use_triton
 
 K_MAX = 64  # candidates live in one register block per program
-EQUAL, AT_MOST, AT_LEAST, TILT, EQUAL_BAND = 1, 2, 3, 4, 5
+EQUAL, AT_MOST, AT_LEAST, TILT, EQUAL_BAND, EQUAL_SOFT = 1, 2, 3, 4, 5, 6
 BAND_REL, BAND_ABS = 0.25, 2.0  # EQUAL_BAND half-width in tokens: the constants of lenvm_rt/select_ref.py
+SOFT_ITERATIONS, SOFT_BOUND = 20, 1e5  # EQUAL_SOFT's solver: the constants of lenvm_rt/select_ref.py (the kernel
+                                      # spells them out as literals)
 GUIDANCE_STREAM = 1  # Philox stream of guided draws; stream 0 is plain sampling
 MAX_ABS_BETA = 1e30  # keeps logp + β·u finite for every finite logp (below half an ulp of the fp32 maximum)
 _INT32_MAX = 2**31 - 1
@@ -49,7 +57,7 @@ _BACKENDS = ("auto", "triton", "torch")
 class GuidanceState:
     """Per-slot guidance state on one device; every tensor is [C] and written only by `admit` and `select`."""
 
-    rule: torch.Tensor  # int32: EQUAL, AT_MOST, AT_LEAST, TILT or EQUAL_BAND
+    rule: torch.Tensor  # int32: EQUAL, AT_MOST, AT_LEAST, TILT, EQUAL_BAND or EQUAL_SOFT
     target: torch.Tensor  # int32: T, generated tokens including EOS (unused by TILT)
     generated: torch.Tensor  # int32: t, advanced by `select`
     max_new: torch.Tensor  # int32
@@ -72,9 +80,9 @@ class GuidanceState:
               seed: int = 0, greedy: bool = False) -> None:
         """Validate one request's settings on the host (the C++ core's rules) and write them with t = 0."""
         _check_int("slot", slot, 0, self.rule.numel() - 1)
-        if isinstance(rule, bool) or not isinstance(rule, int) or not EQUAL <= rule <= EQUAL_BAND:
-            raise ValueError(f"rule: expected 1 (equal), 2 (at_most), 3 (at_least), 4 (tilt) or 5 (equal_band), "
-                             f"got {rule!r}")
+        if isinstance(rule, bool) or not isinstance(rule, int) or not EQUAL <= rule <= EQUAL_SOFT:
+            raise ValueError(f"rule: expected 1 (equal), 2 (at_most), 3 (at_least), 4 (tilt), 5 (equal_band) or "
+                             f"6 (equal_soft), got {rule!r}")
         _check_int("target", target, 1 if rule != TILT else -(2**31), _INT32_MAX)
         _check_int("max_new", max_new, 1, _INT32_MAX)
         _check_int("seed", seed, 0, 2**64 - 1)
@@ -125,6 +133,39 @@ def _cumsum_fp32(p: torch.Tensor) -> torch.Tensor:
     return torch.stack(cdf, dim=1)
 
 
+def _soft_ref(valid: torch.Tensor, logp: torch.Tensor, u: torch.Tensor, rho: torch.Tensor, nlg: torch.Tensor,
+              greedy: torch.Tensor, draw: torch.Tensor, slot_equal: torch.Tensor) -> torch.Tensor:
+    """EQUAL_SOFT's slot per row (select_ref.soft_tilt / soft_lambda / soft_slot), vectorised, in float64."""
+    inf = float("inf")
+    u64 = u.double()
+    u_min = torch.where(valid, u64, inf).amin(dim=1)
+    u_max = torch.where(valid, u64, -inf).amax(dim=1)
+    u_star = 1.0 - torch.exp(-rho.double() * nlg.double())
+    inside = (u_min < u_star) & (u_star < u_max)
+    logp64 = logp.double()
+    a = torch.where(valid, logp64 - torch.where(valid, logp64, -inf).amax(dim=1, keepdim=True), -inf)
+    d = torch.where(valid, u64 - u_min[:, None], 0.0)
+    g = u_star - u_min
+    lam = torch.zeros_like(g)
+    lo, hi = lam - SOFT_BOUND, lam + SOFT_BOUND
+    for _ in range(SOFT_ITERATIONS):
+        score = a + lam[:, None] * d
+        w = torch.exp(score - score.amax(dim=1, keepdim=True))
+        s0, s1, s2 = w.sum(dim=1), (w * d).sum(dim=1), (w * d * d).sum(dim=1)
+        m = s1 / s0
+        v = s2 / s0 - m * m
+        f = m - g
+        hi = torch.where(f > 0, lam, hi)
+        lo = torch.where(f < 0, lam, lo)
+        step = lam - f / torch.where(v > 0, v, 1.0)
+        lam = torch.where((v > 0) & (lo <= step) & (step <= hi), step, 0.5 * (lo + hi))
+    score = a + lam[:, None] * d
+    cdf = _cumsum_fp32(torch.exp(score - score.amax(dim=1, keepdim=True)))  # sequential sums, here in float64
+    r = draw.double() * cdf[:, -1]
+    sample = torch.minimum(((cdf <= r[:, None]) & valid).sum(dim=1), valid.sum(dim=1) - 1)
+    return torch.where(inside, torch.where(greedy, score.argmax(dim=1), sample), slot_equal)
+
+
 def select_ref(rows: torch.Tensor, cand_ids: torch.Tensor, cand_logp: torch.Tensor, cand_z: torch.Tensor,
                state: GuidanceState, eos_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Readable torch version, vectorised over rows: the test oracle and the CPU path (same contract as `select`)."""
@@ -161,12 +202,14 @@ def select_ref(rows: torch.Tensor, cand_ids: torch.Tensor, cand_logp: torch.Tens
     slot_band = torch.where(greedy, band_logp.argmax(dim=1),
                             torch.minimum(((band_cdf <= band_r[:, None]) & valid).sum(dim=1), last_in_band))
     slot_band = torch.where(has_band, slot_band, slot_equal)
+    slot_soft = _soft_ref(valid, cand_logp.float(), u, rho, nlg, greedy, draw, slot_equal)
     budget_met = t + 1 >= target
     slot = torch.where(rule == EQUAL, slot_equal,
+           torch.where(rule == EQUAL_SOFT, slot_soft,
            torch.where(rule == EQUAL_BAND, slot_band,
            torch.where(rule == AT_MOST, torch.where(budget_met, first_eos, slot_low_u),
            torch.where(rule == AT_LEAST, torch.where(budget_met, slot_low_u, slot_high_u),
-           torch.where(greedy, w.argmax(dim=1), slot_sample)))))
+           torch.where(greedy, w.argmax(dim=1), slot_sample))))))
     chosen = slot.clamp(min=0)[:, None]
     token = torch.where(slot >= 0, cand_ids.gather(1, chosen)[:, 0], eos_ids[0])
     done = (slot < 0) | is_eos.gather(1, chosen)[:, 0] | (t + 1 >= max_new)
@@ -245,12 +288,43 @@ def _select_kernel(rows_ptr, ids_ptr, logp_ptr, z_ptr, eos_ptr,                 
     slot_band = tl.minimum(tl.sum((valid & (band_cdf <= band_r)).to(tl.int32), axis=0), last_in_band)
     slot_band = tl.where(has_band, tl.where(greedy, slot_band_greedy, slot_band), slot_equal)
 
+    # EQUAL_SOFT in fp64 (select_ref.soft_lambda): exactly 20 safeguarded Newton steps in [-1e5, 1e5].
+    u64 = u.to(tl.float64)
+    u_min = tl.min(tl.where(valid, u64, float("inf")), axis=0)
+    u_max = tl.max(tl.where(valid, u64, float("-inf")), axis=0)
+    u_star = 1.0 - tl.exp(-rho.to(tl.float64) * nlg.to(tl.float64))
+    soft_inside = (u_min < u_star) & (u_star < u_max)
+    logp64 = logp.to(tl.float64)
+    soft_a = tl.where(valid, logp64 - tl.max(tl.where(valid, logp64, float("-inf")), axis=0), float("-inf"))
+    soft_d = tl.where(valid, u64 - u_min, 0.0)
+    soft_g = u_star - u_min
+    lam = soft_g * 0.0
+    lo = lam - 1e5
+    hi = lam + 1e5
+    for _ in range(20):
+        score = soft_a + lam * soft_d
+        wt = tl.exp(score - tl.max(score, axis=0))
+        s0 = tl.sum(wt, axis=0)
+        m = tl.sum(wt * soft_d, axis=0) / s0
+        v = tl.sum(wt * soft_d * soft_d, axis=0) / s0 - m * m
+        f = m - soft_g
+        hi = tl.where(f > 0, lam, hi)
+        lo = tl.where(f < 0, lam, lo)
+        step = lam - f / tl.where(v > 0, v, 1.0)
+        lam = tl.where((v > 0) & (lo <= step) & (step <= hi), step, 0.5 * (lo + hi))
+    score = soft_a + lam * soft_d
+    soft_cdf = tl.cumsum(tl.exp(score - tl.max(score, axis=0)), axis=0)
+    soft_r = draw.to(tl.float64) * tl.max(soft_cdf, axis=0)
+    slot_soft = tl.minimum(tl.sum((valid & (soft_cdf <= soft_r)).to(tl.int32), axis=0), n - 1)
+    slot_soft = tl.where(soft_inside, tl.where(greedy, tl.argmax(score, axis=0), slot_soft), slot_equal)
+
     budget_met = t + 1 >= target
     slot = tl.where(greedy, slot_greedy, slot_sample)
     slot = tl.where(rule == 3, tl.where(budget_met, slot_low_u, slot_high_u), slot)
     slot = tl.where(rule == 2, tl.where(budget_met, first_eos, slot_low_u), slot)
     slot = tl.where(rule == 1, slot_equal, slot)
     slot = tl.where(rule == 5, slot_band, slot)
+    slot = tl.where(rule == 6, slot_soft, slot)
     picked = offs == slot
     token = tl.where(slot >= 0, tl.sum(tl.where(picked, ids, 0), axis=0), tl.load(eos_ptr))
     token_is_eos = (slot < 0) | (tl.sum((picked & is_eos).to(tl.int32), axis=0) > 0)

@@ -75,8 +75,9 @@ def add_lifebench_command(eval_subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens-factor", type=float, default=2.0,
                    help="cap = ceil(F*N)+32 for equal/at-most, ceil(2F*N)+32 for at-least (default: %(default)s)")
     p.add_argument("--batch", type=int, default=8, help="prompts decoded together (default: %(default)s)")
-    p.add_argument("--length-rule", choices=["strict", "band"], default="strict",
-                   help="Equal-To rule of guided runs: strict argmin (the paper's) or the tolerance band")
+    p.add_argument("--length-rule", choices=["strict", "band", "soft"], default="strict",
+                   help="Equal-To rule of guided runs: strict argmin (the paper's), the tolerance band, or soft "
+                        "(the tilt that hits the target in expectation)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None, help="also the guided candidate count (default 15)")
     p.add_argument("--top-p", type=float, default=1.0)

@@ -174,7 +174,8 @@ class Sampling:
 
 
 LENGTH_CONSTRAINTS = ("equal", "at_most", "at_least")
-LENGTH_RULES = ("strict", "band")  # how Equal To picks: the paper's argmin, or the tolerance band (select_ref)
+LENGTH_RULES = ("strict", "band", "soft")  # how Equal To picks: the paper's argmin, the tolerance band, or the
+                                           # tilt that hits the target in expectation (lenvm_rt/select_ref.py)
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,10 @@ class LengthTarget:
 
     `rule` (Equal To only): "strict" takes the candidate whose predicted remaining length is closest to
     the target's (the paper's argmin); "band" samples by base probability among the candidates within
-    max(2, 0.25·ρ) tokens of it, and falls back to the closest when none is (lenvm_rt/select_ref.py).
+    max(2, 0.25·ρ) tokens of it, and falls back to the closest when none is; "soft" (the reference's `eq_soft`)
+    samples from the base distribution exponentially tilted in value so that the expected value of the chosen
+    token equals the target's, and takes the closest when the target lies outside the candidates' values
+    (lenvm_rt/select_ref.py).
     """
 
     constraint: str

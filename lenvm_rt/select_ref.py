@@ -42,12 +42,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-EQUAL, AT_MOST, AT_LEAST, TILT, EQUAL_BAND = 1, 2, 3, 4, 5
-RULES = {"equal": EQUAL, "at_most": AT_MOST, "at_least": AT_LEAST, "tilt": TILT, "equal_band": EQUAL_BAND}
+EQUAL, AT_MOST, AT_LEAST, TILT, EQUAL_BAND, EQUAL_SOFT = 1, 2, 3, 4, 5, 6
+RULES = {"equal": EQUAL, "at_most": AT_MOST, "at_least": AT_LEAST, "tilt": TILT, "equal_band": EQUAL_BAND,
+         "equal_soft": EQUAL_SOFT}
 # EQUAL_BAND's half-width max(BAND_ABS, BAND_REL·ρ) in tokens; the same constants in csrc/guidance.h and
 # kernels/select.py. Both are powers of two (or small integers), so the float32 product is exact.
 BAND_REL = 0.25
 BAND_ABS = 2.0
+# EQUAL_SOFT's solver: this many iterations, always (no early exit), with λ kept in [-SOFT_BOUND, SOFT_BOUND]; the
+# same constants in csrc/guidance.h and kernels/select.py.
+SOFT_ITERATIONS = 20
+SOFT_BOUND = 1e5
 GUIDANCE_STREAM = 1  # Philox stream of guided draws; stream 0 is plain sampling
 
 
@@ -94,16 +99,89 @@ def band_slot(logp: np.ndarray, in_band: np.ndarray, greedy: bool, uniform: floa
     return min(int(np.searchsorted(cdf, r, side="right")), last)
 
 
+def soft_target(rho: float, gamma: float) -> float:
+    """u* of EQUAL_SOFT: the value u = 1 - exp(-l̂·nlg) of a candidate with l̂ = ρ, in float64 (nlg = float32(-ln γ))."""
+    nlg = float(np.float32(-math.log(gamma)))
+    return 1.0 - math.exp(-float(rho) * nlg)
+
+
+def _soft_moments(a: list[float], d: list[float], lam: float) -> tuple[list[float], list[float]]:
+    """(s_j = a_j + λ·d_j, w_j = exp(s_j - max s)) in float64, one correctly ordered operation at a time."""
+    s = [aj + lam * dj for aj, dj in zip(a, d)]
+    top = max(s)
+    return s, [math.exp(sj - top) for sj in s]
+
+
+def soft_lambda(a: list[float], d: list[float], g: float) -> float:
+    """λ with Σ w·d / Σ w = g for w = exp(a + λ·d) (a = logp - max logp, d = u - umin >= 0, 0 < g < max d).
+
+    Exactly SOFT_ITERATIONS iterations from λ = 0 in the bracket [-SOFT_BOUND, SOFT_BOUND]: evaluate the mean m and
+    variance v = Σw·d²/Σw - m² at λ, f = m - g; f > 0 moves the upper end of the bracket to λ, f < 0 the lower end;
+    the Newton step λ - f/v (when v > 0) is taken if it lies in the bracket (ends included), else the midpoint.
+    Sums run in slot order. The C++ core and the kernels run the same operations in the same order.
+    """
+    lo, hi, lam = -SOFT_BOUND, SOFT_BOUND, 0.0
+    for _ in range(SOFT_ITERATIONS):
+        _, w = _soft_moments(a, d, lam)
+        s0 = s1 = s2 = 0.0
+        for wj, dj in zip(w, d):
+            s0 += wj
+            s1 += wj * dj
+            s2 += wj * dj * dj
+        m = s1 / s0
+        v = s2 / s0 - m * m
+        f = m - g
+        if f > 0:
+            hi = lam
+        elif f < 0:
+            lo = lam
+        step = lam - f / v if v > 0 else math.nan
+        lam = step if lo <= step <= hi else 0.5 * (lo + hi)
+    return lam
+
+
+def soft_tilt(logp: np.ndarray, u: np.ndarray, u_star: float) -> tuple[float, list[float], list[float]] | None:
+    """EQUAL_SOFT's tilt of one row's filled candidates: (λ, s, w) with p' = w / Σw, or None when u* is outside
+    (umin, umax) and the rule makes EQUAL's choice. logp and u are the float32 inputs, widened to float64."""
+    u64 = [float(x) for x in u]
+    umin, umax = min(u64), max(u64)
+    if not umin < u_star < umax:
+        return None
+    top = max(float(x) for x in logp)
+    a = [float(x) - top for x in logp]
+    d = [x - umin for x in u64]
+    lam = soft_lambda(a, d, u_star - umin)
+    s, w = _soft_moments(a, d, lam)
+    return lam, s, w
+
+
+def soft_slot(s: list[float], w: list[float], greedy: bool, uniform: float) -> int:
+    """EQUAL_SOFT's choice from the final tilt: argmax s (greedy) or the inverse CDF over w in float64."""
+    if greedy:
+        return int(np.argmax(np.array(s)))
+    total = 0.0
+    for wj in w:
+        total += wj
+    r = float(np.float32(uniform)) * total
+    cdf = 0.0
+    for j, wj in enumerate(w):
+        cdf += wj
+        if cdf > r:
+            return j
+    return len(w) - 1
+
+
 def select_row(ids: np.ndarray, logp: np.ndarray, z: np.ndarray, s: RowState, eos_ids: list[int],
                uniform: float) -> Choice:
-    """One row's choice; `uniform` is Philox(seed, t, stream=1), used only by sampled TILT and EQUAL_BAND rows."""
+    """One row's choice; `uniform` is Philox(seed, t, stream=1), used only by sampled TILT, EQUAL_BAND and
+    EQUAL_SOFT rows."""
     valid = ids >= 0
     n = int(valid.sum())
     ids, logp, z = ids[:n], logp[:n].astype(np.float32), z[:n]
     eos = set(eos_ids)
     u, remaining = candidate_scores(ids, z, s.gamma, eos)
     t, T = s.generated, s.target
-    if s.rule in (EQUAL, EQUAL_BAND):
+    if s.rule in (EQUAL, EQUAL_BAND, EQUAL_SOFT):
         rho = np.float32(max(T - t - 1, 0))
         distance = np.abs(remaining - rho).astype(np.float32)
         slot = int(np.argmin(distance))
@@ -111,6 +189,10 @@ def select_row(ids: np.ndarray, logp: np.ndarray, z: np.ndarray, s: RowState, eo
         in_band = distance <= limit
         if s.rule == EQUAL_BAND and in_band.any():
             slot = band_slot(logp, in_band, s.greedy, uniform)
+        if s.rule == EQUAL_SOFT:
+            tilt = soft_tilt(logp, u, soft_target(float(rho), s.gamma))
+            if tilt is not None:
+                slot = soft_slot(tilt[1], tilt[2], s.greedy, uniform)
     elif s.rule == AT_MOST:
         if t + 1 >= T:
             eos_slots = [j for j in range(n) if int(ids[j]) in eos]

@@ -10,6 +10,7 @@ Exact ties (identical inputs) are robust: every implementation sends them to the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -24,9 +25,14 @@ from lenvm_rt.select_ref import (
     BAND_REL,
     EQUAL,
     EQUAL_BAND,
+    EQUAL_SOFT,
     TILT,
     RowState,
+    candidate_scores,
     select_row,
+    soft_slot,
+    soft_target,
+    soft_tilt,
 )
 
 EOS = [2, 7]
@@ -74,12 +80,58 @@ def ref_step(ref, rows, ids, logp, z):
     return choices
 
 
+def soft_decision_is_robust(ids, logp, z, s: RowState, u_draw: float) -> bool:
+    """EQUAL_SOFT: the inside/outside test is clear of its edges, and the choice survives few-ulp perturbations of
+    the float32 u (which move the solved λ) and keeps a margin of 1e-9 (relative) over float64 rounding.
+
+    Exact everywhere, so never perturbed: u = 0 (EOS, z = -inf or below the float32 exp range), u = 1 (z >= 16.7:
+    exp(-z) is below half an ulp of 1), u* = 0 (ρ = 0) and u* = 1 (exp(-ρ·nlg) < 2^-56). Identical candidates are
+    perturbed identically.
+    """
+    n = int((ids >= 0).sum())
+    ids, logp, z = ids[:n], logp[:n], z[:n]
+    u, _ = candidate_scores(ids, z, s.gamma, set(EOS))
+    u64 = u.astype(np.float64)
+    rho = max(s.target - s.generated - 1, 0)
+    u_star = soft_target(rho, s.gamma)
+    tol = np.where((u64 == 0) | ((u64 == 1) & (z >= 16.7)), 0.0, 16 * EPS * u64)
+    tol_star = 0.0 if rho == 0 or -rho * math.log(s.gamma) > 56 * math.log(2) else 4e-16
+    for j in (int(np.argmin(u64)), int(np.argmax(u64))):
+        if tol[j] + tol_star > 0 and abs(u64[j] - u_star) <= tol[j] + tol_star + 1e-15:
+            return False  # u* on the edge of the candidates' range: inside/outside may flip
+    tilt = soft_tilt(logp, u, u_star)
+    if tilt is None:
+        return decision_is_robust(ids, logp, z, dataclasses.replace(s, rule=EQUAL), u_draw)
+    _, score, w = tilt
+    chosen = soft_slot(score, w, s.greedy, u_draw)
+    keys = list(zip(ids.tolist(), z.tolist(), logp.tolist()))
+    if s.greedy:
+        best = score[chosen]
+        if any(keys[j] != keys[chosen] and abs(score[j] - best) <= 1e-9 * (1 + abs(best)) for j in range(n)):
+            return False
+    else:
+        cdf = np.cumsum(w)
+        if np.any(np.abs(cdf - u_draw * cdf[-1]) <= 1e-9 * cdf[-1]):
+            return False
+    rng = np.random.default_rng(n)
+    distinct = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+    for trial in range(8):
+        signs = np.full(len(distinct), [1.0, -1.0][trial]) if trial < 2 else rng.choice([-1.0, 1.0], len(distinct))
+        moved_u = u64 + np.array([signs[distinct[key]] for key in keys]) * tol
+        moved = soft_tilt(logp, moved_u, u_star + (trial % 3 - 1) * tol_star)
+        if moved is None or soft_slot(moved[1], moved[2], s.greedy, u_draw) != chosen:
+            return False
+    return True
+
+
 def decision_is_robust(ids, logp, z, s: RowState, u_draw: float) -> bool:
     """True when a few-ulp error in any float32 score cannot change this row's choice (float64 bounds).
 
     A score's tolerance is 0 where every implementation computes it exactly (EOS, u = 0 at z = -inf, l̂ = inf at
     z = inf, w = logp at β·u = 0); candidates with identical inputs score identically everywhere.
     """
+    if s.rule == EQUAL_SOFT:
+        return soft_decision_is_robust(ids, logp, z, s, u_draw)
     n = int((ids >= 0).sum())
     ids, logp, z = ids[:n], logp[:n].astype(np.float64), z[:n].astype(np.float64)
     eos = np.isin(ids, EOS)
@@ -143,7 +195,7 @@ def check_valid(slot: int, token: int, done: bool, ids_row: np.ndarray) -> None:
 
 
 def random_settings(rng: np.random.Generator) -> dict:
-    return dict(rule=int(rng.integers(1, 6)), target=int(rng.integers(1, 7)), max_new=int(rng.integers(1, 9)),
+    return dict(rule=int(rng.integers(1, 7)), target=int(rng.integers(1, 7)), max_new=int(rng.integers(1, 9)),
                 gamma=float(rng.choice(GAMMAS)), beta=float(rng.choice([0.0, rng.normal(0, 5), -1000.0])),
                 seed=int(rng.integers(0, 2**64, dtype=np.uint64)), greedy=bool(rng.integers(0, 2)))
 

@@ -75,6 +75,29 @@ def test_band_rule_ends_exactly_at_the_target_though_eos_is_always_most_probable
         assert not rt.eos_token_ids & set(out.token_ids[:-1])
 
 
+def test_soft_rule_hits_the_target_value_in_expectation_and_ends_exactly_at_the_target(rt):
+    """`rule="soft"` over many seeds: every run is n tokens then EOS (EOS waits for the target, though it is the
+    policy's favourite), the runs differ (the rule samples), and the chosen tokens' oracle values u = 1 - γ^r average
+    to the targets u* = 1 - γ^ρ of their steps. That mean is what the solved tilt promises: an untilted draw (λ = 0)
+    misses it by about 0.15, a tilt of the wrong sign by 0.25, and EQUAL's argmin would make every run the same.
+    """
+    n, runs = 17, 96
+    outs = rt.generate_batch([[5, 17, 42]] * runs, max_new_tokens=3 * n,
+                             sampling=[Sampling(temperature=1.0, top_k=64, seed=s) for s in range(runs)],
+                             length=[LengthTarget.equal(n, rule="soft")] * runs)
+    residuals = []
+    for out in outs:
+        assert out.num_tokens == n + 1 and out.finish_reason == "stop"
+        assert out.token_ids[-1] in rt.eos_token_ids and not rt.eos_token_ids & set(out.token_ids[:-1])
+        for t, token in enumerate(out.token_ids[:-1]):  # ρ = T - t - 1 = n - t tokens wanted after token t
+            residuals.append((1 - GAMMA ** ORACLE[token].item()) - (1 - GAMMA ** (n - t)))
+    residuals = torch.tensor(residuals, dtype=torch.float64)
+    assert len({tuple(out.token_ids) for out in outs}) > runs // 2
+    # Each residual has mean 0 given its step's candidates; 4 standard errors (about 0.012) bound their average.
+    sem = residuals.std() / len(residuals) ** 0.5
+    assert abs(residuals.mean()) <= 4 * sem and 0.05 < residuals.std(), (residuals.mean(), sem)
+
+
 @pytest.mark.parametrize("n", [3, 20])
 def test_at_least_never_stops_early(rt, n):
     out = rt.generate([9, 8, 7], max_new_tokens=60, sampling=GUIDED, length=LengthTarget.at_least(n))
