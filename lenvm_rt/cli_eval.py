@@ -1,6 +1,7 @@
 """`lenvm-rt eval` commands (LENVM.md §5–§7): the trade-off, prompt-boundary MRE, length tokens, test problems.
 
     lenvm-rt eval tradeoff --value-model P --data FILE [--betas=0,-20,-50,-100,-1000] [--budgets 64,128,256]
+                                                       [--at-most 128,256]
                            [--samples N] [--limit K] [--max-new-tokens N] [--out DIR]
     lenvm-rt eval mre --value-model P --data FILE [--samples N] [--limit K] [--max-tokens N] [--out DIR]
     lenvm-rt eval length-tokens --value-model P --data FILE [--samples N] [--threshold 0.01] [--top 20] [--out DIR]
@@ -41,7 +42,9 @@ def cmd_tradeoff(a: argparse.Namespace) -> int:
     from .cli import _load
     from .eval.tradeoff import TradeoffSettings, load_questions, parse_betas, parse_budgets, run_tradeoff, table
 
+    at_most = tuple(parse_budgets(a.at_most, "--at-most")) if a.at_most else ()
     settings = TradeoffSettings(betas=tuple(parse_betas(a.betas)), budgets=tuple(parse_budgets(a.budgets)),
+                                at_most=at_most,
                                 samples=a.samples, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                                 top_p=a.top_p, min_p=a.min_p, top_k=a.top_k, batch=a.batch, seed=a.seed)
     settings.check()
@@ -111,6 +114,9 @@ def add_eval_commands(sub: Any) -> None:
     tr.add_argument("--betas", default="0,-20,-50,-100,-1000",
                     help="tilt strengths β <= 0, comma-separated; write --betas=-20,-50 when the list starts with -")
     tr.add_argument("--budgets", default="64,128,256", help="hard token budgets (EOS counted), comma-separated")
+    tr.add_argument("--at-most", default="",
+                    help="also decode with LengthTarget.at_most(N) for each N (comma-separated), each against the "
+                         "unguided run truncated at N")
     tr.add_argument("--max-new-tokens", type=int, default=512, help="cap for every sample; a cut response is wrong")
     tr.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
     tr.add_argument("--top-p", type=float, default=1.0)

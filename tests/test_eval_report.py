@@ -29,7 +29,8 @@ LIFEBENCH = {"unguided": {("equal", 32): (48, 32), ("equal", 64): (64, 64), ("at
 # mode -> unit -> (nll, repetition_rate) of every output: per cell unguided 2.5 / 5%, guided 3.75 / 25%
 QUALITY = {"unguided": {"u1": (2.0, 0.0), "u2": (3.0, 0.1)}, "guided": {"u1": (3.0, 0.2), "u2": (4.5, 0.3)}}
 # (method, beta) -> (nll, repetition_rate) of every trade-off sample
-TRADEOFF_QUALITY = {("tilt", 0.0): (2.0, 0.0), ("tilt", -1000.0): (3.0, 0.5), ("unguided", None): (1.5, 0.25)}
+TRADEOFF_QUALITY = {("tilt", 0.0): (2.0, 0.0), ("tilt", -1000.0): (3.0, 0.5), ("at_most", 199): (1.75, 0.1),
+                    ("unguided", None): (1.5, 0.25)}
 
 
 def _lifebench_record(uid: str, constraint: str, target: int, length: int, guided: bool, quality: bool) -> dict:
@@ -63,11 +64,12 @@ def write_lifebench(folder: Path, modes: tuple[str, ...] = ("unguided", "guided"
 
 
 def write_tradeoff(folder: Path, prefix: str) -> None:
-    settings = TradeoffSettings(betas=(0.0, -1000.0), budgets=(200, 256), samples=2)
+    settings = TradeoffSettings(betas=(0.0, -1000.0), budgets=(200, 256), at_most=(199,), samples=2)
     questions = [Record(f"{prefix}{i}", i + 1, f"question {i}", {"question": "q", "answer": f"#### {gold}"})
                  for i, gold in enumerate((5, 7))]
     samples = {("tilt", 0.0): [[("\\boxed{5}", 300), ("\\boxed{5}", 340)], [("\\boxed{7}", 320), ("\\boxed{1}", 360)]],
                ("tilt", -1000.0): [[("\\boxed{5}", 150)] * 2, [("\\boxed{7}", 150), ("\\boxed{2}", 150)]],
+               ("at_most", 199): [[("\\boxed{5}", 120)] * 2, [("\\boxed{7}", 200), ("x", 90)]],
                ("unguided", None): [[("\\boxed{5}", 300), ("\\boxed{5}", 100)], [("\\boxed{7}", 250), ("9", 180)]]}
     done = {_key(m, b, q.id, _digest(q), j): {"text": text, "finish_reason": "stop", "num_tokens": n,
                                               "nll": TRADEOFF_QUALITY[(m, b)][0], "mean_rank": 3.0, "mean_prob": 0.4,
@@ -199,6 +201,9 @@ def test_tradeoff_tables_label_the_data_set(sources, tmp_path):
     assert "| hard budget | B = 256 | 0.500 | 196.5 | 1.500 | +0.000 | 25.0% | 4 | 1 over B | — |" in gsm8k
     assert "| unguided | B = ∞ | 0.750 | 207.5 | 1.500 | +0.000 | 25.0% | 4 | 0 cut | (340, 0.815) |" in gsm8k
     assert "| method | setting | pass@1 | mean tokens | NLL | ΔNLL vs unguided | rep4 | samples |" in gsm8k
+    # At Most N beside the unguided responses cut at N + 1 generated tokens (N text tokens, then EOS)
+    assert "| LenVM at most | N = 199 | 0.750 | 132.5 | 1.750 | +0.250 | 10.0% | 4 | 0 over N | — |" in gsm8k
+    assert "| unguided, cut at N | B = 200 | 0.250 | 170.0 | 1.500 | +0.000 | 25.0% | 4 | 2 over B | — |" in gsm8k
     assert "policy's own mean negative log-likelihood" in gsm8k
     small = md.split("### small", 1)[1].split("## ", 1)[0]
     assert "Data set: **generated arithmetic** (question ids `arith-*`" in small

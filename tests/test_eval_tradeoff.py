@@ -154,7 +154,25 @@ def test_quality_means_per_beta_and_budget_rows_use_the_unguided_responses():
     assert "3.000" in printed and "25.0%" in printed and "rep4" in printed
 
 
+def test_at_most_rows_stand_beside_the_unguided_run_truncated_at_the_same_length():
+    settings = TradeoffSettings(betas=(0.0,), budgets=(8,), at_most=(4,), samples=2, max_new_tokens=32)
+    q = Record("q1", 1, "What is 3+4?", {"question": "What is 3+4?", "answer": "#### 7"})
+    texts = {("tilt", 0.0): [("\\boxed{7}", "stop", 9)] * 2,
+             ("at_most", 4): [("7", "stop", 3), ("\\boxed{8}", "stop", 5)],
+             ("unguided", None): [("so 7", "stop", 5), ("it is \\boxed{7}", "stop", 6)]}
+    done = {_key(m, b, q.id, _digest(q), j): {"text": t, "finish_reason": f, "num_tokens": n}
+            for (m, b), rows in texts.items() for j, (t, f, n) in enumerate(rows)}
+    point = summarize(done, [q], settings)["at_most"][0]
+    assert point["target"] == 4 and point["accuracy"] == 0.5 and point["mean_tokens"] == 4
+    assert point["over_target"] == 0  # N = 4 response tokens + EOS = 5 generated tokens at most
+    truncated = point["truncated"]  # unguided responses of more than N + 1 = 5 tokens are cut: wrong
+    assert truncated["budget"] == 5 and truncated["accuracy"] == 0.5 and truncated["mean_tokens"] == 5
+    assert "N=4" in table(summarize(done, [q], settings))
+
+
 @pytest.mark.parametrize("change, message", [
+    ({"at_most": (0,)}, "at-most target must be an int"),
+    ({"at_most": (32,), "budgets": (8,), "max_new_tokens": 32}, "at-most target must be an int"),
     ({"betas": ()}, "betas must not be empty"),
     ({"budgets": ()}, "budgets must not be empty"),
     ({"samples": 0}, "samples must be a positive int"),
@@ -173,6 +191,8 @@ def test_empty_beta_and_budget_lists_are_refused():
     for parse, text in ((parse_betas, ""), (parse_betas, " , "), (parse_budgets, ""), (parse_budgets, "1.5")):
         with pytest.raises(ValueError):
             parse(text)
+    with pytest.raises(ValueError, match="--at-most must be integers"):
+        parse_budgets("8,x", "--at-most")
 
 
 def test_arithmetic_problems_are_reproducible_and_solvable(tmp_path):
@@ -256,6 +276,20 @@ def test_tradeoff_end_to_end_writes_json_png_and_resumes(models, tmp_path, capsy
     assert run_cli(other) == 2 and "use a new --out" in capsys.readouterr().err
 
 
+def test_at_most_rows_end_to_end_never_exceed_their_target(models, tmp_path, capsys):
+    data = tmp_path / "arith.jsonl"
+    assert run_cli(["eval", "make-arithmetic", "--out", str(data), "--n", "2", "--seed", "1"]) == 0
+    out = tmp_path / "run"
+    assert run_cli(_base(models, data, out) + ["--betas", "0", "--samples", "2", "--at-most", "1,2"]) == 0
+    assert "at most" in capsys.readouterr().out
+    res = json.loads((out / "tradeoff.json").read_text())["results"]
+    assert [p["target"] for p in res["at_most"]] == [1, 2]
+    for p in res["at_most"]:
+        lengths = [s["num_tokens"] for s in res["samples"] if s["method"] == "at_most" and s["target"] == p["target"]]
+        assert len(lengths) == p["count"] == 4 and max(lengths) <= p["target"] + 1  # N tokens, then EOS
+        assert p["over_target"] == 0 and p["truncated"]["budget"] == p["target"] + 1
+
+
 def test_malformed_lines_are_reported_with_their_line_numbers_and_skipped(models, tmp_path, capsys):
     data = tmp_path / "q.jsonl"
     data.write_text('{"question": "What is 2+3?", "answer": "#### 5"}\nnot json\n[1, 2]\n'
@@ -276,6 +310,8 @@ def test_malformed_lines_are_reported_with_their_line_numbers_and_skipped(models
     (["--samples", "0"], "samples must be a positive int"),
     (["--samples", "-2"], "samples must be a positive int"),
     (["--budgets", "8"], "budget must be an int in"),
+    (["--at-most", "4"], "at-most target must be an int"),
+    (["--at-most", "two"], "--at-most must be integers"),
 ])
 def test_bad_arguments_exit_2_with_an_error_line(models, tmp_path, capsys, extra, message):
     data = tmp_path / "q.jsonl"

@@ -232,6 +232,12 @@ def _tradeoff(label: str, path: Path, rec: dict[str, Any], out: Path) -> list[st
              for p in res["hard_budget"]]
     rows.append(["unguided", "B = ∞", _f(u["accuracy"], ".3f"), _f(u["mean_tokens"]), *quality(u), u["count"],
                  f"{u['cut']} cut", *paper(PAPER_BUDGET[None])])
+    for p in res.get("at_most", []):
+        t = p["truncated"]
+        rows += [["LenVM at most", f"N = {p['target']}", _f(p["accuracy"], ".3f"), _f(p["mean_tokens"]), *quality(p),
+                  p["count"], f"{p['over_target']} over N", *paper(None)],
+                 ["unguided, cut at N", f"B = {t['budget']}", _f(t["accuracy"], ".3f"), _f(t["mean_tokens"]),
+                  *quality(u), t["count"], f"{t['over_budget']} over B", *paper(None)]]
     lines += _table(["method", "setting", "pass@1", "mean tokens", "NLL", "ΔNLL vs unguided", "rep4", "samples",
                      "cut / over", *(["paper Fig. 2a (tokens, pass@1)"] if gsm8k else [])], rows)
     lines += [QUALITY_NOTE.replace("ΔNLL = guided − unguided", "ΔNLL = row − unguided; budget rows: the unguided "

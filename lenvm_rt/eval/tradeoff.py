@@ -14,6 +14,8 @@ Protocol (every choice is recorded in the output):
   tilting   tilt=β for each β ≤ 0 (β < 0 favours shorter continuations; β = 0 is p̃ over the candidates)
   baseline  one unguided run; for a budget B a response of more than B tokens counts as wrong and as B
             tokens (post-hoc truncation, not a budget prompt); the run itself is the B = ∞ point
+  at most   optional: LengthTarget.at_most(N) for each N of `at_most` (N response tokens, then EOS), sampled
+            with the same seeds; each row stands beside the unguided run truncated at N + 1 tokens
   length    generated tokens with EOS counted (the single counter, §4.5), capped at max_new_tokens
   correct   the response ended (EOS) within the cap and its answer matches the gold (answers.CONVENTION);
             a response cut at the cap counts as wrong
@@ -37,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import Sampling
+from ..config import LengthTarget, Sampling
 from ..quality import FIELDS as QUALITY_FIELDS
 from ..quality import quality_fields, summarize_quality
 from ..rollouts import completion_seed
@@ -64,21 +66,22 @@ def parse_betas(text: str) -> list[float]:
         raise ValueError(f"--betas must be numbers separated by commas; got {text!r}") from None
 
 
-def parse_budgets(text: str) -> list[int]:
-    """"64,128" -> [64, 128]; ValueError for an empty list or a bad value."""
+def parse_budgets(text: str, option: str = "--budgets") -> list[int]:
+    """"64,128" -> [64, 128]; ValueError (naming `option`) for an empty list or a bad value."""
     items = [t.strip() for t in str(text).split(",") if t.strip()]
     if not items:
-        raise ValueError("--budgets must list at least one token budget, e.g. 64,128,256")
+        raise ValueError(f"{option} must list at least one token count, e.g. 64,128,256")
     try:
         return [int(t) for t in items]
     except ValueError:
-        raise ValueError(f"--budgets must be integers separated by commas; got {text!r}") from None
+        raise ValueError(f"{option} must be integers separated by commas; got {text!r}") from None
 
 
 @dataclass(frozen=True)
 class TradeoffSettings:
     betas: tuple[float, ...] = (0.0, -20.0, -50.0, -100.0, -1000.0)
     budgets: tuple[int, ...] = (64, 128, 256)
+    at_most: tuple[int, ...] = ()
     samples: int = 8
     max_new_tokens: int = 512
     temperature: float = 1.0
@@ -103,6 +106,10 @@ class TradeoffSettings:
         for b in self.budgets:
             if not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= self.max_new_tokens:
                 raise ValueError(f"each budget must be an int in [1, max_new_tokens={self.max_new_tokens}]; got {b!r}")
+        for n in self.at_most:
+            if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n < self.max_new_tokens:
+                raise ValueError(f"each at-most target must be an int in [1, max_new_tokens={self.max_new_tokens}); "
+                                 f"got {n!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int; got {self.seed!r}")
         self.sampling(0)
@@ -153,7 +160,18 @@ def budget_point(scored: Sequence[tuple[str, bool, int]], budget: int) -> dict[s
 
 
 def _key(method: str, beta: float | None, qid: str, digest: str, sample: int) -> tuple:
+    """Sample key; `beta` holds the method's parameter (β for tilt, N for at_most, None for unguided)."""
     return method, beta, qid, digest, sample
+
+
+def _row_key(r: dict[str, Any]) -> tuple:
+    return _key(r["method"], r.get("target") if r["method"] == "at_most" else r["beta"], r["id"], r["digest"],
+                r["sample"])
+
+
+def _methods(settings: TradeoffSettings) -> list[tuple[str, float | None]]:
+    return ([("tilt", float(b)) for b in settings.betas] + [("at_most", int(n)) for n in settings.at_most]
+            + [("unguided", None)])
 
 
 def _config_key(runtime: Runtime, settings: TradeoffSettings) -> dict[str, Any]:
@@ -193,8 +211,8 @@ def run_tradeoff(runtime: Runtime, questions: Sequence[Record], out_dir: str | o
     out = Path(out_dir)
     _open_run(out, _config_key(runtime, settings))
     log = out / SAMPLES_FILE
-    done = {_key(r["method"], r["beta"], r["id"], r["digest"], r["sample"]): r for r in read_samples(log)}
-    methods: list[tuple[str, float | None]] = [("tilt", float(b)) for b in settings.betas] + [("unguided", None)]
+    done = {_row_key(r): r for r in read_samples(log)}
+    methods = _methods(settings)
     todo = [(m, b, q, j) for q in questions for j in range(settings.samples) for m, b in methods
             if _key(m, b, q.id, _digest(q), j) not in done]
     from tqdm import tqdm
@@ -204,14 +222,18 @@ def run_tradeoff(runtime: Runtime, questions: Sequence[Record], out_dir: str | o
         chunk = todo[start:start + settings.batch]
         seeds = [completion_seed(settings.seed, q.id, j) for _, _, q, j in chunk]
         gens = runtime.generate_batch([q.prompt for _, _, q, _ in chunk], max_new_tokens=settings.max_new_tokens,
-                                      sampling=[settings.sampling(s) for s in seeds], tilt=[b for _, b, _, _ in chunk])
+                                      sampling=[settings.sampling(s) for s in seeds],
+                                      tilt=[b if m == "tilt" else None for m, b, _, _ in chunk],
+                                      length=[LengthTarget.at_most(int(b)) if m == "at_most" else None
+                                              for m, b, _, _ in chunk])
         quality = quality_fields(runtime.model, [runtime.encode(q.prompt) for _, _, q, _ in chunk],
                                  [g.token_ids for g in gens], runtime.eos_token_ids, batch=settings.batch)
-        rows = [{"method": m, "beta": b, "id": q.id, "digest": _digest(q), "sample": j, "seed": s,
-                 "num_tokens": g.num_tokens, "finish_reason": g.finish_reason, "text": g.text, **qf}
+        rows = [{"method": m, "beta": b if m == "tilt" else None, "id": q.id, "digest": _digest(q), "sample": j,
+                 "seed": s, "num_tokens": g.num_tokens, "finish_reason": g.finish_reason, "text": g.text, **qf,
+                 **({"target": b} if m == "at_most" else {})}
                 for (m, b, q, j), s, g, qf in zip(chunk, seeds, gens, quality)]
         append_jsonl(log, rows)
-        done.update({_key(r["method"], r["beta"], r["id"], r["digest"], r["sample"]): r for r in rows})
+        done.update({_row_key(r): r for r in rows})
         bar.update(len(chunk))
     bar.close()
     results = summarize(done, questions, settings)
@@ -228,7 +250,7 @@ def summarize(done: dict[tuple, dict[str, Any]], questions: Sequence[Record],
               settings: TradeoffSettings) -> dict[str, Any]:
     """Points of both curves from the finished samples of the current questions and settings."""
     samples, scored, quality = [], {}, {}
-    methods = [("tilt", float(b)) for b in settings.betas] + [("unguided", None)]
+    methods = _methods(settings)
     for m, b in methods:
         rows, records = [], []
         for q in questions:
@@ -238,7 +260,8 @@ def summarize(done: dict[tuple, dict[str, Any]], questions: Sequence[Record],
                 answer, correct = score(r["text"], r["finish_reason"], gold)
                 rows.append((q.id, correct, r["num_tokens"]))
                 records.append(r)
-                samples.append({"method": m, "beta": b, "id": q.id, "sample": j, "num_tokens": r["num_tokens"],
+                samples.append({"method": m, "beta": b if m == "tilt" else None, "id": q.id, "sample": j,
+                                **({"target": b} if m == "at_most" else {}), "num_tokens": r["num_tokens"],
                                 "finish_reason": r["finish_reason"], "answer": answer, "gold": gold,
                                 "correct": correct, **{k: r.get(k) for k in QUALITY_FIELDS}})
         scored[(m, b)] = rows
@@ -252,7 +275,11 @@ def summarize(done: dict[tuple, dict[str, Any]], questions: Sequence[Record],
         "length_counter": LENGTH_COUNTER,
         "quality": QUALITY_RULE,
         "tilt": [{"beta": b, **curve_point(scored[("tilt", b)]), "cut": cut[("tilt", b)], **quality[("tilt", b)]}
-                 for _, b in methods[:-1]],
+                 for m, b in methods if m == "tilt"],
+        "at_most": [{"target": n, **curve_point(scored[("at_most", n)]), "cut": cut[("at_most", n)],
+                     "over_target": sum(t > n + 1 for _, _, t in scored[("at_most", n)]), **quality[("at_most", n)],
+                     "truncated": budget_point(unguided, n + 1)}
+                    for m, n in methods if m == "at_most"],
         "unguided": {**curve_point(unguided), "cut": cut[("unguided", None)], **plain},
         "hard_budget": [{**budget_point(unguided, int(b)), **plain} for b in sorted(settings.budgets)],
         "samples": samples,
@@ -273,6 +300,10 @@ def table(results: dict[str, Any]) -> str:
             for p in results["tilt"]]
     rows += [["hard budget", f"B={p['budget']}", p["accuracy"], p["mean_tokens"], *_quality_cells(p), p["count"]]
              for p in results["hard_budget"]]
+    for p in results.get("at_most", []):
+        t = p["truncated"]
+        rows += [["at most", f"N={p['target']}", p["accuracy"], p["mean_tokens"], *_quality_cells(p), p["count"]],
+                 ["unguided cut", f"B={t['budget']}", t["accuracy"], t["mean_tokens"], "-", "-", t["count"]]]
     u = results["unguided"]
     rows.append(["unguided", "B=∞", u["accuracy"], u["mean_tokens"], *_quality_cells(u), u["count"]])
     return format_table(["method", "setting", "pass@1", "mean tokens", "NLL", "rep4", "samples"], rows)
@@ -294,6 +325,11 @@ def plot_tradeoff(results: dict[str, Any], path: str | os.PathLike[str], *, titl
     for p in budget:
         ax.annotate(f"B={p['budget']}", (p["mean_tokens"], p["accuracy"]), textcoords="offset points",
                     xytext=(4, -10), fontsize=7, color="tab:gray")
+    for p in results.get("at_most", []):
+        ax.plot([p["mean_tokens"]], [p["accuracy"]], "D", color="tab:blue",
+                label="LenVM at most N" if p is results["at_most"][0] else None)
+        ax.annotate(f"≤{p['target']}", (p["mean_tokens"], p["accuracy"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7, color="tab:blue")
     ax.margins(x=0.1, y=0.08)  # room for the point labels
     ax.set_xlabel("mean generated tokens (EOS counted)")
     ax.set_ylabel("pass@1")
