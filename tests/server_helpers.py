@@ -11,12 +11,17 @@ from lenvm_rt.runtime import Runtime
 from lenvm_rt.server.engine import Engine, EngineEvent
 
 
-def tiny_runtime(root: Path, *, value: bool = True) -> Runtime:
-    """A random 2-layer Llama (hidden 64, context 512) with a random head on its own trunk."""
+def tiny_runtime(root: Path, *, value: bool = True, max_context: int | None = None) -> Runtime:
+    """A random 2-layer Llama (hidden 64, context 512 or max_context) with a random head on its own trunk."""
     policy = make_checkpoint(root / "policy", "llama", seed=3)
     head = make_value_head(root / "head" / "value_head.safetensors", 64, gamma=0.97) if value else None
-    rt = lenvm_rt.load(policy, value_model=head, device="cpu")
-    if rt.value is not None:  # the torch head: under TRITON_INTERPRET the interpreted kernel would take 90% of the time
+    return torch_head(lenvm_rt.load(policy, value_model=head, device="cpu", max_context=max_context))
+
+
+def torch_head(rt: Runtime) -> Runtime:
+    """The value head through its torch reference: under TRITON_INTERPRET (CPU test runs) the interpreted
+    kernel would take ~90% of a test's time. Engine and alone runs share it, so equality tests hold."""
+    if rt.value is not None:
         from lenvm_rt.kernels.value_head import value_head
 
         vm, h = rt.value, rt.value.head

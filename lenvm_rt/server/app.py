@@ -163,7 +163,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     async def chat(request: Request) -> Response:
         req = parse_model(ChatRequest, await body_of(request))
         check_model(req.model)
-        spec = build_spec(rt, req, messages_of(req.messages), "messages")
+        spec = await asyncio.to_thread(build_spec, rt, req, messages_of(req.messages), "messages")  # tokenizes
         return await _answer(request, spec, chat=True)
 
     @app.post("/v1/completions")
@@ -176,7 +176,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                 raise APIError(400, "prompt: a batch of prompts is not supported; send one request per prompt",
                                param="prompt", code="invalid_value")
             prompt = prompt[0]
-        spec = build_spec(rt, req, prompt, "prompt")
+        spec = await asyncio.to_thread(build_spec, rt, req, prompt, "prompt")
         return await _answer(request, spec, chat=False)
 
     @app.post("/v1/length/predict")

@@ -30,18 +30,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
 import torch
 
-from .. import _native
 from ..config import Sampling
 from ..decode import CACHE_BLOCK, _live_width
 from ..guidance import CandidateSettings, EosRule, Guidance, build_candidates
-from ..model import CausalLM
 from ..runtime import Runtime
 from ..sampling import TokenChooser, resolve_seed
-from ..selector import _marked
 from ..value_math import remaining_from_logit
+from .slots import SlotGuide, grow_cache, move_row
 
 
 class QueueFull(RuntimeError):
@@ -87,66 +84,6 @@ class _Row:
     guide_slot: int = -1  # slot in the step controller (guided rows)
 
 
-class _Guide:
-    """The step controller with one slot per engine row: C++ core on the CPU, the Triton kernel on CUDA."""
-
-    def __init__(self, capacity: int, eos_ids: frozenset[int], device: torch.device) -> None:
-        self.device = device
-        self.free = list(range(capacity - 1, -1, -1))
-        if device.type == "cuda":
-            from ..kernels import GuidanceState
-
-            self.state = GuidanceState.create(capacity, device)
-            self.eos = torch.tensor(sorted(eos_ids), dtype=torch.int32, device=device)
-        else:
-            self.batch = _native.GuidanceBatch(capacity, sorted(eos_ids))
-
-    def admit(self, g: Guidance, sampling: Sampling, max_new: int, gamma: float) -> int:
-        slot = self.free.pop()
-        admit = self.state.admit if self.device.type == "cuda" else self.batch.admit
-        admit(slot, rule=g.rule, target=g.target, max_new=max_new, gamma=gamma, beta=g.beta,
-              seed=int(sampling.seed), greedy=sampling.greedy)
-        return slot
-
-    def retire(self, slot: int) -> None:
-        if self.device.type != "cuda":
-            self.batch.retire(slot)
-        self.free.append(slot)
-
-    def step(self, slots: list[int], cand: torch.Tensor, logp: torch.Tensor, z: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.device.type == "cuda":
-            from ..kernels import select
-
-            rows = torch.tensor(slots, dtype=torch.int32, device=self.device)
-            slot, token, _ = select(rows, _marked(cand, logp), logp.float().contiguous(), z.float().contiguous(),
-                                    self.state, self.eos, backend="triton")
-            return slot.long(), token.long()
-        G = len(slots)
-        out_slot, out_token = np.empty(G, dtype=np.int32), np.empty(G, dtype=np.int32)
-        self.batch.step(np.array(slots, dtype=np.int32), _marked(cand, logp).numpy(),
-                        logp.to(torch.float32).contiguous().numpy(), z.to(torch.float32).contiguous().numpy(),
-                        out_slot, out_token, np.empty(G, dtype=np.uint8))
-        return torch.from_numpy(out_slot.astype(np.int64)), torch.from_numpy(out_token.astype(np.int64))
-
-
-def _grow(model: CausalLM, batch: int, capacity: int) -> None:
-    """allocate() that keeps the rows already in the cache (allocate itself starts from zeros)."""
-    if batch <= model.batch_capacity and capacity <= model.capacity:
-        return
-    old_k, old_v, ob, oc = model.k_cache, model.v_cache, model.batch_capacity, model.capacity
-    model.allocate(batch=batch, capacity=capacity)
-    for i in range(len(old_k)):
-        model.k_cache[i][:ob, :, :oc] = old_k[i]
-        model.v_cache[i][:ob, :, :oc] = old_v[i]
-
-
-def _move_row(model: CausalLM, src: int, dst: int, length: int) -> None:
-    for k, v in zip(model.k_cache, model.v_cache):
-        k[dst, :, :length] = k[src, :, :length]
-        v[dst, :, :length] = v[src, :, :length]
-
-
 class Engine:
     """A continuous decode batch over one Runtime; see the module docstring."""
 
@@ -169,7 +106,7 @@ class Engine:
         self._dirty = True  # the batch's rows changed: rebuild the per-batch settings
         self.steps = 0
         value = runtime.value
-        self._guide = _Guide(max_batch, runtime.eos_token_ids, runtime.device) if value is not None else None
+        self._guide = SlotGuide(max_batch, runtime.eos_token_ids, runtime.device) if value is not None else None
 
     # ---- client side (any thread) ---------------------------------------------------------------
     @property
@@ -252,20 +189,28 @@ class Engine:
                     break
                 calls = list(self._calls)
                 self._calls.clear()
+                dropped = [r for r in self._pending if r.cancelled]  # cancelled while waiting: no place taken
+                self._pending = deque(r for r in self._pending if not r.cancelled)
                 free = self.max_batch - len(self._rows)
                 new = [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
-            try:
-                with torch.inference_mode():
-                    for fn, fut in calls:
-                        self._run_call(fn, fut)
-                    self._drop([i for i, r in enumerate(self._rows) if r.req.cancelled], "cancelled")
-                    for req in new:
+            for req in dropped:
+                self._send(req, EngineEvent(None, None, "cancelled"))
+            with torch.inference_mode():
+                for fn, fut in calls:
+                    self._run_call(fn, fut)
+                for req in new:
+                    try:
                         self._admit(req)
+                    except Exception as exc:  # a bug, not a bad request: fail this request only
+                        traceback.print_exc()
+                        self._send(req, EngineEvent(None, None, "error", f"internal error: {type(exc).__name__}"))
+                try:
+                    self._drop([i for i, r in enumerate(self._rows) if r.req.cancelled], "cancelled")
                     if self._rows:
                         self._step()
-            except Exception as exc:  # a bug, not a bad request: fail the running rows, keep serving
-                traceback.print_exc()
-                self._fail_all(f"internal error: {type(exc).__name__}: {exc}")
+                except Exception as exc:  # a bug, not a bad request: fail the running rows, keep serving
+                    traceback.print_exc()
+                    self._fail_all(f"internal error: {type(exc).__name__}: {exc}")
         self._fail_all("the server is shutting down")
         with self._cond:
             for req in self._pending:
@@ -304,9 +249,9 @@ class Engine:
     def _ensure_cache(self, tokens: int) -> None:
         ctx = self.rt.max_context
         capacity = min(-(-tokens // CACHE_BLOCK) * CACHE_BLOCK, ctx)
-        _grow(self.rt.model, self.max_batch + 1, capacity)
+        grow_cache(self.rt.model, self.max_batch + 1, capacity)
         if self.rt.value is not None and self.rt.value.trunk is not None:
-            _grow(self.rt.value.trunk, self.max_batch + 1, capacity)
+            grow_cache(self.rt.value.trunk, self.max_batch + 1, capacity)
 
     def _admit(self, req: EngineRequest) -> None:
         if req.cancelled:
@@ -335,9 +280,9 @@ class Engine:
             last = len(self._rows) - 1
             if i != last:
                 moved = self._rows[last]
-                _move_row(model, last, i, moved.position + 1)
+                move_row(model, last, i, moved.position + 1)
                 if value is not None and value.trunk is not None:
-                    _move_row(value.trunk, last, i, moved.position + 1)
+                    move_row(value.trunk, last, i, moved.position + 1)
                 self._x[i] = self._x[last]
             with self._cond:
                 self._rows[i] = self._rows[last]
