@@ -28,6 +28,7 @@ def _requests():
         ([40, 41], 11, Sampling(temperature=0.7, top_k=20, seed=6), None, -2.0),
         ([50], 16, Sampling(temperature=1.0, seed=7), None, None),
         ([60, 61, 62, 63, 64], 8, Sampling(temperature=1.0, top_k=15, seed=8), LengthTarget.equal(3), None),
+        ([70, 71, 72], 9, Sampling(temperature=1.0, top_k=12, seed=9), LengthTarget.equal(4, rule="band"), None),
     ]
 
 

@@ -5,12 +5,14 @@ greedy top-15 min-p 0.2 candidates, when a value model is loaded), `requests` ch
 `tokens` tokens go through the server on a loopback port, `streams` of them in flight at a time, each
 streamed (SSE). Measured per request: time to first token (send -> first token chunk) and inter-token
 latency (gaps between token chunks); per level: throughput = completion tokens / wall time. The baseline
-runs the same requests one at a time in process (`Runtime.generate`: TTFT = prefill, ITL = ms/token).
-Requests are seeded, so the server's tokens equal the baseline's (checked: `tokens_match`).
+runs the same requests one at a time in process (`Runtime.stream`, same TTFT / ITL definitions, no HTTP), in
+slices between the server levels so that both see the same background load on a shared machine. Requests
+are seeded, so the engine's tokens equal the baseline's (checked: `tokens_match`).
 """
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import threading
 import time
@@ -42,16 +44,19 @@ def _request(i: int, tokens: int, guided: bool) -> dict[str, Any]:
     return body
 
 
-def _alone(rt: Runtime, body: dict[str, Any]) -> tuple[list[int], float, float, float]:
-    """(tokens, ttft s, mean itl s, wall s) of Runtime.generate on the same request."""
+def _alone(rt: Runtime, body: dict[str, Any]) -> dict[str, Any]:
+    """Runtime.stream of the same request in process: tokens, TTFT and inter-token gaps (s)."""
     length = body.get("length")
     sampling = Sampling(temperature=body["temperature"], top_k=body.get("top_k"), top_p=body.get("top_p", 1.0),
                         min_p=body.get("min_p", 0.0), seed=body["seed"])
     start = time.perf_counter()
-    g = rt.generate(body["messages"], max_new_tokens=body["max_tokens"], sampling=sampling,
-                    length=LengthTarget(length["constraint"], length["target"]) if length else None)
-    wall = time.perf_counter() - start
-    return g.token_ids, g.prefill_seconds, g.ms_per_token / 1000.0, wall
+    tokens, stamps = [], []
+    for ev in rt.stream(body["messages"], max_new_tokens=body["max_tokens"], sampling=sampling,
+                        length=LengthTarget(length["constraint"], length["target"]) if length else None):
+        tokens.append(ev.token_id)
+        stamps.append(time.perf_counter())
+    return {"token_ids": tokens, "tokens": len(tokens), "ttft": stamps[0] - start,
+            "itl": [b - a for a, b in zip(stamps, stamps[1:])], "wall": stamps[-1] - start}
 
 
 def _stream(url: str, body: dict[str, Any], record: dict[str, Any]) -> None:
@@ -113,40 +118,53 @@ def run(rt: Runtime, *, model_name: str = "default", streams: str = "1,4,16", re
     rows = []
     for mode in modes:
         n = max(requests, max(levels))
-        bodies = [_request(i, tokens, mode == "guided") for i in range(n)]
-        _alone(rt, bodies[0])  # warm-up
-        alone = [_alone(rt, b) for b in bodies]
-        base_tokens = sum(len(a[0]) for a in alone)
-        base = {"tokens": base_tokens, "wall_s": sum(a[3] for a in alone),
-                "ttft_ms": stats_ms([a[1] for a in alone]), "itl_ms": stats_ms([a[2] for a in alone])}
-        base["tokens_per_s"] = base_tokens / base["wall_s"]
-        results[mode] = {"one_at_a_time_in_process": base, "server": {}}
-        rows.append([mode, "alone, in process", base["tokens_per_s"], base["ttft_ms"]["median"],
-                     base["ttft_ms"]["p90"], base["itl_ms"]["median"], base["itl_ms"]["p90"]])
+        bodies = [{**_request(i, tokens, mode == "guided"), "model": model_name} for i in range(n)]
+        chunks = [list(range(n))[k::len(levels) + 1] for k in range(len(levels) + 1)]
+        alone: list[dict[str, Any]] = [{} for _ in bodies]
         engine = Engine(rt, max_batch=max_batch, max_queue=max(64, n))
+        server_rows = []
         with ServerThread(create_app(engine, model_name)) as server:
             url = f"{server.url}/v1/chat/completions"
-            for body in bodies:
-                body["model"] = model_name
-            _level(url, bodies[:1], 1)  # warm-up
-            for level in levels:
-                r = _level(url, bodies, level)
-                results[mode]["server"][str(level)] = r
-                rows.append([mode, f"server, {level} streams", r["tokens_per_s"], r["ttft_ms"]["median"],
-                             r["ttft_ms"]["p90"], r["itl_ms"]["median"], r["itl_ms"]["p90"]])
-        results[mode]["tokens_match"] = _same_tokens(rt, model_name, bodies, [a[0] for a in alone], max_batch)
+            _alone(rt, bodies[0])  # warm-ups
+            _level(url, bodies[:1], 1)
+            results[mode] = {"server": {}}
+            # the in-process baseline runs in slices between the levels, so that both see the same
+            # background load; the engine is idle then and does not touch the model
+            for k in range(len(levels) + 1):
+                while engine.load() != (0, 0):
+                    time.sleep(0.01)
+                for i in chunks[k]:
+                    alone[i] = _alone(rt, bodies[i])
+                if k == len(levels):
+                    break
+                r = _level(url, bodies, levels[k])
+                results[mode]["server"][str(levels[k])] = r
+                server_rows.append([mode, f"server, {levels[k]} streams", r["tokens_per_s"], r["ttft_ms"]["median"],
+                                    r["ttft_ms"]["p90"], r["itl_ms"]["median"], r["itl_ms"]["p90"]])
+        base_tokens = sum(a["tokens"] for a in alone)
+        base = {"tokens": base_tokens, "wall_s": sum(a["wall"] for a in alone),
+                "ttft_ms": stats_ms([a["ttft"] for a in alone]),
+                "itl_ms": stats_ms([x for a in alone for x in a["itl"]])}
+        base["tokens_per_s"] = base_tokens / base["wall_s"]
+        results[mode]["one_at_a_time_in_process"] = base
+        rows.append([mode, "alone, in process", base["tokens_per_s"], base["ttft_ms"]["median"],
+                     base["ttft_ms"]["p90"], base["itl_ms"]["median"], base["itl_ms"]["p90"]])
+        rows += server_rows
+        results[mode]["tokens_match"] = _same_tokens(rt, bodies, [a["token_ids"] for a in alone], max_batch)
+    results["load_average_1min_at_end"] = os.getloadavg()[0]
     config = {"model": model_name, "streams": levels, "requests": max(requests, max(levels)), "tokens": tokens,
               "max_batch": max_batch, "device": str(rt.device), "dtype": str(rt.dtype)}
     print(format_table(["mode", "peer", "tokens/s", "TTFT p50 ms", "TTFT p90", "ITL p50 ms", "ITL p90"], rows))
     print(summary(results))
     print("tokens equal to the requests run alone: " + ", ".join(f"{m} {results[m]['tokens_match']}" for m in modes))
+    print(f"1-minute load average at the end: {results['load_average_1min_at_end']:.2f} on {os.cpu_count()} cores")
     if out:
         write_record(out, "serve", config, results)
         print(f"wrote {out}")
     return results
 
 
-def _same_tokens(rt: Runtime, model_name: str, bodies: list[dict[str, Any]], expected: list[list[int]],
+def _same_tokens(rt: Runtime, bodies: list[dict[str, Any]], expected: list[list[int]],
                  max_batch: int) -> bool:
     """The engine's tokens for every request, all submitted at once, against the alone runs."""
     from ..guidance import Guidance
@@ -179,6 +197,8 @@ def summary(results: dict[str, Any]) -> str:
     """One line per mode: server throughput at each level relative to the alone run."""
     lines = []
     for mode, r in results.items():
+        if not isinstance(r, dict):
+            continue
         base = r["one_at_a_time_in_process"]["tokens_per_s"]
         ratios = {k: v["tokens_per_s"] / base for k, v in r["server"].items()}
         lines.append(f"{mode}: " + ", ".join(f"{k} streams x{v:.2f}" for k, v in ratios.items())

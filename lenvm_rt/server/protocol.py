@@ -12,7 +12,7 @@ clients send fields this server does not use; options it cannot honour (logprobs
 tools) are refused with 400 rather than silently dropped.
 
 Extension fields: `length: {"target": N, "constraint": "equal"|"at_most"|"at_least", "rule":
-"strict"|"band"}` (N response tokens, EOS not counted), `length_tilt: β`, `top_k`, `min_p`.
+"strict"|"band"|"soft"}` (N response tokens, EOS not counted), `length_tilt: β`, `top_k`, `min_p`.
 """
 from __future__ import annotations
 
