@@ -103,7 +103,7 @@ def test_still_serving_after_the_catalogue(server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
 
 
-def test_queue_full_is_429_and_length_without_value_model_is_400(tmp_path):
+def test_queue_full_429_no_value_model_400_engine_stopped_503(tmp_path):
     rt = tiny_runtime(tmp_path, value=False)
     engine = Engine(rt, max_batch=1, max_queue=1)
     with ServerThread(create_app(engine, M)) as s, httpx.Client(base_url=s.url, timeout=60) as c:
@@ -124,6 +124,9 @@ def test_queue_full_is_429_and_length_without_value_model_is_400(tmp_path):
         assert r.headers["retry-after"] == "1"
         assert done.wait(30)
         assert c.post(T, json=TEXT).status_code == 200  # the place is free again
+        engine.stop()  # as during shutdown: HTTP still up, engine gone
+        _check_error(c.post(T, json=TEXT), 503, "unavailable")
+        assert c.get("/health").json()["status"] == "stopped"
 
 
 def test_readme_lists_every_row():

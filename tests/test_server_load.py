@@ -87,6 +87,26 @@ def test_concurrent_clients_get_what_they_would_get_alone(rt):
     assert engine.steps < sum(n for _, n, _ in expected)  # rows really shared steps
 
 
+def test_client_disconnect_frees_the_row_non_streaming(rt):
+    engine = Engine(rt, max_batch=2)
+    with ServerThread(create_app(engine, "tiny")) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 500, "seed": 3,
+                "length": {"target": 499, "constraint": "at_least"}}
+        pool = ThreadPoolExecutor(1)
+        gone = pool.submit(lambda: httpx.post(f"{s.url}/v1/completions", json=body, timeout=1.0))
+        deadline = time.monotonic() + 30
+        while c.get("/health").json()["active"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        held = engine.call(lambda e: time.sleep(3))  # the engine waits while the client times out and hangs up
+        with pytest.raises(httpx.TimeoutException):
+            gone.result()
+        held.result(30)
+        while engine.cancelled == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.cancelled == 1 and c.get("/health").json()["active"] == 0
+        pool.shutdown()
+
+
 def test_client_disconnect_frees_the_row(rt):
     engine = Engine(rt, max_batch=2)
     with ServerThread(create_app(engine, "tiny")) as s, httpx.Client(base_url=s.url, timeout=60) as c:

@@ -104,7 +104,8 @@ class Engine:
         self._stopping = False
         self._x: torch.Tensor | None = None  # [n, D] hidden state of each active row
         self._dirty = True  # the batch's rows changed: rebuild the per-batch settings
-        self.steps = 0
+        self.steps = 0  # decode steps run
+        self.cancelled = 0  # requests ended by cancel() (client gone, stop string)
         value = runtime.value
         self._guide = SlotGuide(max_batch, runtime.eos_token_ids, runtime.device) if value is not None else None
 
@@ -232,6 +233,7 @@ class Engine:
         if event.finish_reason is not None:
             with self._cond:
                 self._inflight.discard(req)
+                self.cancelled += event.finish_reason == "cancelled"
         try:
             req.on_event(event)
         except Exception:  # a broken consumer only loses its own request
