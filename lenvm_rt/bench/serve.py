@@ -44,6 +44,11 @@ def _request(i: int, tokens: int, guided: bool) -> dict[str, Any]:
     return body
 
 
+def _stats(seconds: list[float]) -> dict[str, float]:
+    """stats_ms, or NaNs when every request ended after one token (no gaps to measure)."""
+    return stats_ms(seconds) if seconds else {k: float("nan") for k in ("min", "median", "p90", "mean", "n")}
+
+
 def _alone(rt: Runtime, body: dict[str, Any]) -> dict[str, Any]:
     """Runtime.stream of the same request in process: tokens, TTFT and inter-token gaps (s)."""
     length = body.get("length")
@@ -102,7 +107,7 @@ def _level(url: str, bodies: list[dict[str, Any]], streams: int) -> dict[str, An
     tokens = sum(r["tokens"] for r in records)
     return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
             "ttft_ms": stats_ms([r["ttft"] for r in records]),
-            "itl_ms": stats_ms([x for r in records for x in r["itl"]])}
+            "itl_ms": _stats([x for r in records for x in r["itl"]])}
 
 
 def run(rt: Runtime, *, model_name: str = "default", streams: str = "1,4,16", requests: int = 16, tokens: int = 32,
@@ -144,7 +149,7 @@ def run(rt: Runtime, *, model_name: str = "default", streams: str = "1,4,16", re
         base_tokens = sum(a["tokens"] for a in alone)
         base = {"tokens": base_tokens, "wall_s": sum(a["wall"] for a in alone),
                 "ttft_ms": stats_ms([a["ttft"] for a in alone]),
-                "itl_ms": stats_ms([x for a in alone for x in a["itl"]])}
+                "itl_ms": _stats([x for a in alone for x in a["itl"]])}
         base["tokens_per_s"] = base_tokens / base["wall_s"]
         results[mode]["one_at_a_time_in_process"] = base
         rows.append([mode, "alone, in process", base["tokens_per_s"], base["ttft_ms"]["median"],
