@@ -234,6 +234,9 @@ class Generation:
     finish_reason  "stop" (an EOS id was generated) or "length" (max_new_tokens reached)
     values         predicted remaining tokens (EOS counted) after each generated token; empty without
                    a value model
+    token_logprobs log p of each generated token under the policy's own logits at its step (temperature 1,
+                   no filters: the unguided judgement of guided text too)
+    token_ranks    1-based rank of each generated token in that distribution
     """
 
     text: str
@@ -244,6 +247,8 @@ class Generation:
     prefill_seconds: float
     decode_seconds: float
     values: list[float] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)
+    token_ranks: list[int] = field(default_factory=list)
 
     @property
     def ms_per_token(self) -> float:

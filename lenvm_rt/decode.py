@@ -3,8 +3,9 @@
 Shapes: B rows, K candidate slots, D hidden, V vocabulary.
 
     for emitted in decode(model, value, prompts, samplings, guidances, max_new_tokens, eos_ids):
-        emitted[b] = (token, finish_reason or None, predicted remaining or None), or None once row b
-        has finished in an earlier step
+        emitted[b] = (token, finish_reason or None, predicted remaining or None, log p(token), rank), or
+        None once row b has finished in an earlier step; log p and the 1-based rank are the token's under
+        the policy's own logits of that step (temperature 1, no filters), for every row, guided or not
 
 Plain: prefill, then one decode_step per token; rows sample with their own filters (TokenChooser).
 
@@ -35,7 +36,7 @@ from .selector import make_selector
 from .value_math import remaining_from_logit
 from .values import ValueModel
 
-Emitted = tuple[int, "str | None", "float | None"]
+Emitted = tuple[int, "str | None", "float | None", float, int]
 CACHE_BLOCK = 256  # KV capacity grows in blocks so that similar requests reuse one allocation
 
 
@@ -80,16 +81,27 @@ class _Rows:
         self.max_new = max_new_tokens
         self.eos = eos_ids
 
-    def emit(self, step: int, tokens: list[int], remaining: list[float] | None) -> list[Emitted | None]:
+    def emit(self, step: int, tokens: torch.Tensor, logits: torch.Tensor,
+             remaining: list[float] | None) -> list[Emitted | None]:
+        logp, rank = token_stats(logits, tokens)
         out: list[Emitted | None] = []
-        for b, token in enumerate(tokens):
+        for b, token in enumerate(tokens.tolist()):
             if not self.running[b]:
                 out.append(None)
                 continue
             reason = "stop" if token in self.eos else ("length" if step + 1 == self.max_new else None)
             self.running[b] = reason is None
-            out.append((token, reason, None if remaining is None else remaining[b]))
+            out.append((token, reason, None if remaining is None else remaining[b], logp[b], rank[b]))
         return out
+
+
+def token_stats(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[list[float], list[int]]:
+    """log p(tokens[b]) under softmax(logits[b]) and its 1-based rank (1 + tokens strictly more likely)."""
+    logits = logits.float()
+    chosen = logits.gather(1, tokens.view(-1, 1))  # [B, 1]
+    logp = chosen.squeeze(1) - torch.logsumexp(logits, dim=-1)
+    rank = (logits > chosen).sum(dim=-1) + 1
+    return logp.tolist(), rank.tolist()
 
 
 def _live_width(filled: torch.Tensor, guided: torch.Tensor) -> int:
@@ -124,8 +136,9 @@ def _plain(model: CausalLM, prompts: list[list[int]], samplings: list[Sampling],
         positions = list(lengths)
         pos = torch.tensor(positions, device=model.device)
         for step in range(max_new_tokens):
-            next_ids = chooser(model.logits(x), [step] * B)
-            yield rows.emit(step, next_ids.tolist(), None)  # the one host sync per step
+            logits = model.logits(x)
+            next_ids = chooser(logits, [step] * B)
+            yield rows.emit(step, next_ids, logits, None)  # the one host sync per step
             if not any(rows.running):
                 return
             x = model.decode_step(next_ids, positions, pos)
@@ -187,7 +200,7 @@ def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], sampli
             z_chosen = z[arange, slot]
             remaining = remaining_from_logit(z_chosen.double(), value.gamma)
             remaining = torch.where(torch.isin(tokens, eos_list), torch.zeros_like(remaining), remaining)
-            emitted = rows.emit(step, tokens.tolist(), remaining.tolist())
+            emitted = rows.emit(step, tokens, logits, remaining.tolist())
             watch.lap("host")
             yield emitted
             if not any(rows.running):

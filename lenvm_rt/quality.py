@@ -3,6 +3,7 @@
 Shapes: B rows, P prompt tokens, L response tokens, S = P + L, D hidden, V vocabulary.
 
     q = text_quality(model, prompt_ids, response_ids, eos_ids)            # -> TextQuality
+    q = quality_of_steps(token_ids, logprobs, ranks, eos_ids)             # from the decode loop's own logits
     qs = batch_quality(model, prompts_ids, responses_ids, eos_ids, batch=8)  # one per response, same order
     summarize_quality(qs) -> {"nll", "mean_rank", "mean_prob", "repetition_rate", "tokens", "n"}  (means)
 
@@ -20,6 +21,10 @@ Contract:
 - Bad input (an empty prompt or response, ids outside [0, V), an EOS before the end, prompt + response
   longer than the context) raises ValueError before any work. The forward overwrites the model's KV cache
   rows 0..B−1: do not call it while a generation of the same model is being streamed.
+- quality_of_steps computes the same measures from the log-probability and rank of each generated token under
+  the policy's logits at its decoding step (Generation.token_logprobs / token_ranks): the same unguided
+  distribution at temperature 1 without filters, so no second forward; equal to text_quality up to float
+  rounding between the decode and prefill paths.
 - summarize_quality averages per response (each response counts once, whatever its length); items
   without quality (None, or records written before these fields existed) are left out and counted out
   of `n`.
@@ -127,6 +132,28 @@ def _score_rows(model: CausalLM, prompts: list[list[int]], responses: list[list[
     return out
 
 
+def quality_of_steps(token_ids: Sequence[int], logprobs: Sequence[float], ranks: Sequence[int],
+                     eos_ids: Iterable[int]) -> TextQuality:
+    """TextQuality from per-token log-probabilities and 1-based ranks recorded while decoding."""
+    n = len(token_ids)
+    if n == 0 or len(logprobs) != n or len(ranks) != n:
+        raise ValueError(f"need one log-probability and one rank per token; got {n} tokens, {len(logprobs)} "
+                         f"log-probabilities, {len(ranks)} ranks")
+    ended = token_ids[-1] in set(eos_ids)
+    return TextQuality(nll=-math.fsum(logprobs) / n, mean_rank=sum(ranks) / n,
+                       mean_prob=math.fsum(math.exp(lp) for lp in logprobs) / n,
+                       repetition_rate=repetition_rate(list(token_ids[:-1] if ended else token_ids)), tokens=n,
+                       ended=ended)
+
+
+def generation_fields(generation: Any, eos_ids: Iterable[int]) -> dict[str, float | None]:
+    """The four measures of a Generation as eval-record fields, from its decoding-step statistics."""
+    if not generation.token_ids:
+        return dict.fromkeys(FIELDS)
+    return dict(quality_of_steps(generation.token_ids, generation.token_logprobs, generation.token_ranks,
+                                 eos_ids).fields())
+
+
 def batch_quality(model: CausalLM, prompts_ids: Sequence[Sequence[int]], responses_ids: Sequence[Sequence[int]],
                   eos_ids: Iterable[int], batch: int = 8, *, max_context: int | None = None) -> list[TextQuality]:
     """TextQuality of each (prompt, response) pair, `batch` pairs per forward; ValueError on bad input.
@@ -147,17 +174,6 @@ def text_quality(model: CausalLM, prompt_ids: Sequence[int], response_ids: Seque
                  *, max_context: int | None = None) -> TextQuality:
     """TextQuality of one response to one prompt (token ids); ValueError on bad input."""
     return batch_quality(model, [prompt_ids], [response_ids], eos_ids, 1, max_context=max_context)[0]
-
-
-def quality_fields(model: CausalLM, prompts_ids: Sequence[Sequence[int]], responses_ids: Sequence[Sequence[int]],
-                   eos_ids: Iterable[int], batch: int = 8) -> list[dict[str, float | None]]:
-    """The four measures of each response as eval-record fields; None for an empty response."""
-    keep = [i for i, r in enumerate(responses_ids) if r]
-    scored = batch_quality(model, [prompts_ids[i] for i in keep], [responses_ids[i] for i in keep], eos_ids, batch)
-    out: list[dict[str, float | None]] = [dict.fromkeys(FIELDS) for _ in responses_ids]
-    for i, q in zip(keep, scored):
-        out[i] = dict(q.fields())
-    return out
 
 
 def _value(item: TextQuality | Mapping[str, Any], key: str) -> float | None:

@@ -47,6 +47,7 @@ class StreamEvent:
     index: int
     finish_reason: str | None  # set on the last event
     remaining: float | None = None  # predicted tokens left after this one (EOS counted); needs a value model
+    logprob: float | None = None  # log p of the token under the policy's logits of its step (temperature 1)
 
 
 def _pick_device(device: str | torch.device | None) -> torch.device:
@@ -281,6 +282,8 @@ class Runtime:
         B = len(encoded)
         outputs: list[list[int]] = [[] for _ in range(B)]
         values: list[list[float]] = [[] for _ in range(B)]
+        logprobs: list[list[float]] = [[] for _ in range(B)]
+        ranks: list[list[int]] = [[] for _ in range(B)]
         reasons = ["length"] * B
         start = time.perf_counter()
         first_token_at = start
@@ -289,8 +292,10 @@ class Runtime:
                 first_token_at = time.perf_counter()
             for b, item in enumerate(emitted):
                 if item is not None:
-                    token, reason, remaining = item
+                    token, reason, remaining, logprob, rank = item
                     outputs[b].append(token)
+                    logprobs[b].append(logprob)
+                    ranks[b].append(rank)
                     reasons[b] = reason or reasons[b]
                     if remaining is not None:
                         values[b].append(remaining)
@@ -305,6 +310,8 @@ class Runtime:
                 prefill_seconds=first_token_at - start,
                 decode_seconds=end - first_token_at,
                 values=values[b],
+                token_logprobs=logprobs[b],
+                token_ranks=ranks[b],
             )
             for b, out in enumerate(outputs)
         ]
@@ -330,6 +337,6 @@ class Runtime:
                 max_new_tokens: int) -> Iterator[StreamEvent]:
         decoder = IncrementalDecoder(self.tokenizer)
         for index, emitted in enumerate(self._decode(encoded, samplings, guidances, max_new_tokens)):
-            token, reason, remaining = emitted[0]  # type: ignore[misc]  # a lone row runs until it ends
+            token, reason, remaining, logprob, _ = emitted[0]  # type: ignore[misc]  # a lone row runs until it ends
             yield StreamEvent(token_id=token, text=decoder.push(token), index=index, finish_reason=reason,
-                              remaining=remaining)
+                              remaining=remaining, logprob=logprob)

@@ -218,3 +218,15 @@ def test_lookahead_skips_the_slots_the_filters_emptied(rt, monkeypatch):
     full = rt.generate_batch(prompts, **kwargs)
     assert set(widths) == {64}
     assert [o.token_ids for o in trimmed] == [o.token_ids for o in full]
+
+
+def test_guided_rows_carry_the_policy_log_probabilities_of_their_tokens(rt):
+    from lenvm_rt.quality import quality_of_steps, text_quality
+
+    prompt = [5, 17, 42]
+    for length in (LengthTarget.equal(9, rule="band"), LengthTarget.at_least(6)):
+        out = rt.generate(prompt, max_new_tokens=30, sampling=GUIDED, length=length)
+        steps = quality_of_steps(out.token_ids, out.token_logprobs, out.token_ranks, rt.eos_token_ids)
+        forward = text_quality(rt.model, prompt, out.token_ids, rt.eos_token_ids)
+        assert steps.nll == pytest.approx(forward.nll, abs=1e-4) and steps.mean_rank == forward.mean_rank
+        assert steps.nll > 1.0  # EOS is banned or passed over: the chosen tokens are far from the policy's top one

@@ -10,7 +10,14 @@ from checkpoints import VOCAB, make_checkpoint
 
 import lenvm_rt
 from lenvm_rt import Sampling
-from lenvm_rt.quality import TextQuality, batch_quality, repetition_rate, summarize_quality, text_quality
+from lenvm_rt.quality import (
+    TextQuality,
+    batch_quality,
+    quality_of_steps,
+    repetition_rate,
+    summarize_quality,
+    text_quality,
+)
 
 SHARPEN = 6.0
 EOS = 2  # the tiny checkpoint's config EOS; its generation config adds 1 (both are EOS ids)
@@ -166,3 +173,29 @@ def test_bad_batches_and_runtime_input(tiny):
         rt.text_quality("hello", "")
     with pytest.raises(ValueError, match="exceed the context of 100 tokens"):
         text_quality(rt.model, PROMPT, [7] * 95, rt.eos_token_ids, max_context=100)
+
+
+def test_decoding_step_statistics_equal_transformers_scores_of_the_generated_text(tiny):
+    rt, hf = tiny
+    prompts = [[5, 9, 13, 21], [7, 8]]
+    gens = rt.generate_batch(prompts, max_new_tokens=12, sampling=[Sampling(temperature=1.3, seed=4),
+                                                                   Sampling(temperature=0.7, top_k=5, seed=8)])
+    for prompt, gen in zip(prompts, gens):
+        logp, ranks = hf_scores(hf, prompt, gen.token_ids)
+        assert gen.token_ranks == ranks  # sampled at other temperatures: ranks > 1 occur
+        assert gen.token_logprobs == pytest.approx(logp, abs=1e-4)
+        from_steps = quality_of_steps(gen.token_ids, gen.token_logprobs, gen.token_ranks, rt.eos_token_ids)
+        forward = text_quality(rt.model, prompt, gen.token_ids, rt.eos_token_ids)
+        assert from_steps.nll == pytest.approx(forward.nll, abs=1e-4)
+        assert (from_steps.mean_rank, from_steps.repetition_rate, from_steps.ended) == \
+            (forward.mean_rank, forward.repetition_rate, forward.ended)
+    assert any(r > 1 for g in gens for r in g.token_ranks)
+    events = list(rt.stream(prompts[0], max_new_tokens=12, sampling=Sampling(temperature=1.3, seed=4)))
+    assert [e.logprob for e in events] == pytest.approx(gens[0].token_logprobs, abs=1e-6)
+
+
+def test_quality_of_steps_refuses_mismatched_lengths():
+    with pytest.raises(ValueError, match="one log-probability and one rank per token"):
+        quality_of_steps([5, 6], [-0.1], [1, 2], {EOS})
+    with pytest.raises(ValueError, match="one log-probability and one rank per token"):
+        quality_of_steps([], [], [], {EOS})

@@ -40,7 +40,7 @@ from typing import Any
 
 from ..bench.report import write_record
 from ..config import LengthTarget, Sampling
-from ..quality import quality_fields
+from ..quality import generation_fields
 from .lifebench_score import (
     CONSTRAINTS,
     K1,
@@ -267,12 +267,12 @@ def _run_cell(runtime: Any, units: Sequence[Unit], constraint: str, target: int,
             by_cap.setdefault(min(cap, room), []).append((unit, ids))
     length = LengthTarget(constraint, target, equal_rule if constraint == "equal" else "strict") if guided else None
     for row_cap, rows in sorted(by_cap.items(), reverse=True):
+        rows.sort(key=lambda row: len(row[1]))  # similar prompt lengths share a batch: little padding
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             gens = runtime.generate_batch([ids for _, ids in chunk], max_new_tokens=row_cap, sampling=sampling,
                                           length=length)
-            quality = quality_fields(runtime.model, [ids for _, ids in chunk], [g.token_ids for g in gens],
-                                     runtime.eos_token_ids, batch=len(chunk))
+            quality = [generation_fields(g, runtime.eos_token_ids) for g in gens]
             batch = []
             for (unit, ids), gen, q in zip(chunk, gens, quality):
                 record = _record(unit, constraint, target, guided, run, len(ids), row_cap, row_cap < cap)

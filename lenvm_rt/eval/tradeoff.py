@@ -41,7 +41,7 @@ from typing import Any
 
 from ..config import LengthTarget, Sampling
 from ..quality import FIELDS as QUALITY_FIELDS
-from ..quality import quality_fields, summarize_quality
+from ..quality import generation_fields, summarize_quality
 from ..rollouts import completion_seed
 from ..runtime import Runtime
 from .answers import CONVENTION, answers_match, extract_answer, gold_answer
@@ -226,8 +226,7 @@ def run_tradeoff(runtime: Runtime, questions: Sequence[Record], out_dir: str | o
                                       tilt=[b if m == "tilt" else None for m, b, _, _ in chunk],
                                       length=[LengthTarget.at_most(int(b)) if m == "at_most" else None
                                               for m, b, _, _ in chunk])
-        quality = quality_fields(runtime.model, [runtime.encode(q.prompt) for _, _, q, _ in chunk],
-                                 [g.token_ids for g in gens], runtime.eos_token_ids, batch=settings.batch)
+        quality = [generation_fields(g, runtime.eos_token_ids) for g in gens]
         rows = [{"method": m, "beta": b if m == "tilt" else None, "id": q.id, "digest": _digest(q), "sample": j,
                  "seed": s, "num_tokens": g.num_tokens, "finish_reason": g.finish_reason, "text": g.text, **qf,
                  **({"target": b} if m == "at_most" else {})}
