@@ -1,10 +1,13 @@
 """`lenvm-rt eval report`: write docs/RESULTS.md from the evaluation JSON records (lenvm_rt.eval.report).
 
     lenvm-rt eval report --out docs/RESULTS.md [--lifebench DIR] [--tradeoff LABEL=DIR ...] [--mre DIR]
-                         [--length-tokens DIR] [--head DIR] [--title TEXT]
+                         [--length-tokens DIR] [--head DIR] [--rule LABEL=DIR ...] [--rule-baseline DIR]
+                         [--title TEXT]
 
 --tradeoff repeats, one labelled run each (--tradeoff gsm8k=DIR --tradeoff arithmetic=DIR); a bare DIR is
-labelled with its folder name. A source left out, or a folder without its JSON, renders as "not run"; a
+labelled with its folder name. --rule repeats the same way (--rule strict=DIR --rule band=DIR): guided
+LIFEBench runs compared on their Equal-To cells, against --rule-baseline (an unguided run of the same units).
+A source left out, or a folder without its JSON, renders as "not run"; a
 malformed JSON raises ValueError naming the file, which `lenvm-rt` prints as `error: ...` with exit status 2.
 cli.py wires it next to the other eval commands: `add_report_command(eval_sub)`.
 """
@@ -16,27 +19,30 @@ import sys
 from pathlib import Path
 from typing import Any
 
-_SINGLE = (("lifebench", "lifebench"), ("mre", "mre"), ("length_tokens", "length-tokens"), ("head", "head"))
+_SINGLE = (("lifebench", "lifebench"), ("mre", "mre"), ("length_tokens", "length-tokens"), ("head", "head"),
+           ("rule_baseline", "rule-baseline"))
+_LABELLED = (("tradeoff", "tradeoff"), ("rule", "rule"))
 
 
-def parse_tradeoff(spec: str) -> tuple[str, Path]:
+def parse_tradeoff(spec: str, option: str = "--tradeoff") -> tuple[str, Path]:
     """'gsm8k=eval/gsm8k' -> ('gsm8k', Path('eval/gsm8k')); a bare DIR is labelled with its folder name."""
     label, sep, directory = spec.partition("=")
     if not sep:
         label, directory = Path(spec).name, spec
     if not label.strip() or not directory.strip():
-        raise ValueError(f"--tradeoff takes LABEL=DIR or DIR; got {spec!r}")
+        raise ValueError(f"{option} takes LABEL=DIR or DIR; got {spec!r}")
     return label.strip(), Path(directory)
 
 
 def sources_from_args(a: argparse.Namespace) -> dict[str, Path]:
     """The write_results sources named on the command line; ValueError on a repeated trade-off label."""
     sources = {key: Path(getattr(a, key)) for key, _ in _SINGLE if getattr(a, key) is not None}
-    for spec in a.tradeoff or []:
-        label, directory = parse_tradeoff(spec)
-        if f"tradeoff:{label}" in sources:
-            raise ValueError(f"--tradeoff label {label!r} is given twice")
-        sources[f"tradeoff:{label}"] = directory
+    for key, flag in _LABELLED:
+        for spec in getattr(a, key) or []:
+            label, directory = parse_tradeoff(spec, f"--{flag}")
+            if f"{key}:{label}" in sources:
+                raise ValueError(f"--{flag} label {label!r} is given twice")
+            sources[f"{key}:{label}"] = directory
     return sources
 
 
@@ -45,8 +51,9 @@ def _command(a: argparse.Namespace) -> str:
     for key, flag in _SINGLE:
         if getattr(a, key) is not None:
             words += [f"--{flag}", str(getattr(a, key))]
-    for spec in a.tradeoff or []:
-        words += ["--tradeoff", spec]
+    for key, flag in _LABELLED:
+        for spec in getattr(a, key) or []:
+            words += [f"--{flag}", spec]
     return shlex.join(words)
 
 
@@ -68,6 +75,10 @@ def add_report_command(eval_sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--mre", default=None, help="folder with mre.json")
     p.add_argument("--length-tokens", dest="length_tokens", default=None, help="folder with length_tokens.json")
     p.add_argument("--head", default=None, help="trained value-head folder with manifest.json")
+    p.add_argument("--rule", action="append", default=None, metavar="LABEL=DIR",
+                   help="folder with lifebench_guided.json of one Equal-To rule (strict=DIR); repeat to compare rules")
+    p.add_argument("--rule-baseline", dest="rule_baseline", default=None,
+                   help="folder with lifebench_unguided.json of the rule runs' units and targets")
     p.add_argument("--title", default=None, help="document title")
     p.set_defaults(func=cmd_report)
     return p

@@ -9,6 +9,9 @@ Sources (a directory holding the file, or the file itself):
   mre              mre.json (eval/mre.py)
   length_tokens    length_tokens.json (eval/length_tokens.py)
   head             manifest.json of a trained value head (train_head.py / train_full.py)
+  rule:LABEL       lifebench_guided.json of a run with the Equal-To rule LABEL (any number: the rule comparison)
+  rule_baseline    lifebench_unguided.json of the same units and targets as the rule runs (their ΔNLL / Δrep4)
+With lifebench, a quality-bar table (eval/report_bars.py) follows the LIFEBench tables.
 Contract: every number comes from those files. A section whose source is absent says "not run"; a file that
 is not valid JSON, or lacks the keys its writer puts there, raises ValueError naming the file. The paper's
 numbers (LENVM.md §5, §8) stand beside ours, labelled as such. Text quality (the policy's own NLL per token and
@@ -19,18 +22,25 @@ a JSON are linked by paths relative to the output document. Returns the Markdown
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .markdown import NA
+from .markdown import delta as _delta
+from .markdown import num as _f
+from .markdown import pct as _pct
+from .markdown import table as _table
+from .report_bars import bars_section, rules_section
+
 __all__ = ["write_results"]
 
 DEFAULT_TITLE = "LenVM runtime: results"
-SOURCES = ("lifebench", "tradeoff", "mre", "length_tokens", "head")
-FILES = {"tradeoff": "tradeoff.json", "mre": "mre.json", "length_tokens": "length_tokens.json", "head": "manifest.json"}
-NA = "—"
+SOURCES = ("lifebench", "tradeoff", "mre", "length_tokens", "head", "rule", "rule_baseline")
+LABELLED = ("tradeoff", "rule")
+FILES = {"tradeoff": "tradeoff.json", "mre": "mre.json", "length_tokens": "length_tokens.json", "head": "manifest.json",
+         "rule": "lifebench_guided.json", "rule_baseline": "lifebench_unguided.json"}
 # Paper Table 2: (Equal To |LD| %, Equal To LS, At Most LS, At Least LS), without -> with LenVM.
 PAPER_LIFEBENCH = {"Qwen2.5-3B": ((83, 25.6, 92.1, 94.6), (56, 62.6, 93.0, 93.1)),
                    "Qwen2.5-7B": ((71, 30.9, 98.5, 89.1), (44, 64.8, 96.1, 99.5)),
@@ -60,22 +70,6 @@ def _load(path: Path) -> dict[str, Any]:
     return data
 
 
-def _f(value: Any, fmt: str = ".1f", suffix: str = "") -> str:
-    """A number in `fmt`, or NA for None / NaN."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return NA
-    return f"{format(value, fmt)}{suffix}"
-
-
-def _pct(fraction: Any) -> str:
-    return NA if fraction is None or math.isnan(fraction) else f"{100 * fraction:.1f}%"
-
-
-def _delta(pair: Sequence[Any], fmt: str, suffix: str = "") -> str:
-    """second − first (guided − unguided), or NA when either is missing."""
-    return NA if None in pair else _f(pair[1] - pair[0], fmt, suffix)
-
-
 def _code(text: Any) -> str:
     s = str(text)
     return f"`` {s} ``" if "`" in s else f"`{s}`"
@@ -83,14 +77,6 @@ def _code(text: Any) -> str:
 
 def _token(token: str) -> str:
     return _code(repr(token)[1:-1] if not token.strip() else token)
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    """A Markdown table; a "|" inside a cell (|LD|, a token) is escaped so that it cannot split the cell."""
-    def line(cells: Sequence[Any]) -> str:
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-
-    return [line(headers), "|" + "---|" * len(headers), *map(line, rows), ""]
 
 
 def _png(json_path: Path, name: str, out: Path, caption: str) -> list[str]:
@@ -320,8 +306,9 @@ def write_results(sources: Mapping[str, Path], out: Path, *, title: str = DEFAUL
     """Render the results document from `sources` (see the module contract), write it to `out`, return it."""
     out = Path(out)
     for key in sources:
-        if key.split(":", 1)[0] not in SOURCES or (":" in key and not key.startswith("tradeoff:")):
-            raise ValueError(f"unknown report source {key!r}; expected one of {', '.join(SOURCES)} or tradeoff:LABEL")
+        if key.split(":", 1)[0] not in SOURCES or (":" in key and key.split(":", 1)[0] not in LABELLED):
+            raise ValueError(f"unknown report source {key!r}; expected one of {', '.join(SOURCES)}, tradeoff:LABEL "
+                             "or rule:LABEL")
     loaded: list[tuple[str, Path, dict[str, Any]]] = []
     found: dict[str, Loaded] = {}
     lifebench: dict[str, Loaded] = {}
@@ -352,6 +339,15 @@ def write_results(sources: Mapping[str, Path], out: Path, *, title: str = DEFAUL
     lines += ["## LIFEBench (token level)", ""]
     lines += (_guard(next(iter(lifebench.values()))[0], "LIFEBench", _lifebench, lifebench, out) if lifebench
               else _not_run(missing.get("lifebench", "no --lifebench source")))
+    if lifebench:
+        lines += ["### Quality bars", "", "Checked on the averages above (guided against unguided, same prompts):", ""]
+        lines += bars_section(*(lifebench[m][1]["results"] if m in lifebench else None
+                                for m in ("unguided", "guided")))
+    rules = {k.split(":", 1)[1]: found[k] for k in sources if k.startswith("rule:") and k in found}
+    if rules:
+        lines += ["### Equal-To rules compared", "", "Guided runs that differ only in the Equal-To rule, Equal-To "
+                  "cells of the same units and targets (LIFEBench LS averaged over targets):", ""]
+        lines += rules_section(rules, found.get("rule_baseline"))
     lines += ["## Performance–efficiency trade-off", ""]
     tradeoffs = [k for k in sources if k.split(":", 1)[0] == "tradeoff"]
     for key in tradeoffs:
