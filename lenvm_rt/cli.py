@@ -121,7 +121,7 @@ def _length(a: argparse.Namespace):
     if a.length is None:
         if a.constraint is not None:
             raise ValueError("--constraint needs --length N")
-        if a.length_rule != "strict":
+        if a.length_rule is not None:
             raise ValueError("--length-rule needs --length N")
         return None
     return LengthTarget(a.constraint.replace("-", "_") if a.constraint else "equal", a.length, a.length_rule)
@@ -300,10 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--length", type=int, default=None, help="length target N in response tokens (EOS not counted)")
     gen.add_argument("--constraint", choices=["equal", "at-most", "at-least"], default=None,
                      help="how --length binds (default: equal)")
-    gen.add_argument("--length-rule", choices=["strict", "band", "soft"], default="strict",
-                     help="equal only: strict = closest predicted length (default); band = sample by base "
-                          "probability among candidates within max(2, 25%%) tokens of the target; soft = sample "
-                          "from the value-tilted distribution whose expected value is the target's")
+    gen.add_argument("--length-rule", choices=["strict", "band", "soft"], default=None,
+                     help="equal only: strict = closest predicted length (the paper's); band = sample by base "
+                          "probability among candidates within max(2, 25%%) tokens of the target (default); soft = "
+                          "sample from the value-tilted distribution whose expected value is the target's")
     gen.add_argument("--tilt", type=float, default=None, help="exponential tilt β: < 0 shorter, > 0 longer")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)

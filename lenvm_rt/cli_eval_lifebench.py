@@ -17,6 +17,8 @@ import json
 import sys
 from typing import Any
 
+from .config import DEFAULT_EQUAL_RULE
+
 
 def cmd_lifebench(a: argparse.Namespace) -> int:
     from .config import Sampling
@@ -75,7 +77,7 @@ def add_lifebench_command(eval_subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens-factor", type=float, default=2.0,
                    help="cap = ceil(F*N)+32 for equal/at-most, ceil(2F*N)+32 for at-least (default: %(default)s)")
     p.add_argument("--batch", type=int, default=8, help="prompts decoded together (default: %(default)s)")
-    p.add_argument("--length-rule", choices=["strict", "band", "soft"], default="strict",
+    p.add_argument("--length-rule", choices=["strict", "band", "soft"], default=DEFAULT_EQUAL_RULE,
                    help="Equal-To rule of guided runs: strict argmin (the paper's), the tolerance band, or soft "
                         "(the tilt that hits the target in expectation)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

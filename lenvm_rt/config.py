@@ -176,6 +176,7 @@ class Sampling:
 LENGTH_CONSTRAINTS = ("equal", "at_most", "at_least")
 LENGTH_RULES = ("strict", "band", "soft")  # how Equal To picks: the paper's argmin, the tolerance band, or the
                                            # tilt that hits the target in expectation (lenvm_rt/select_ref.py)
+DEFAULT_EQUAL_RULE = "band"  # chosen by measurement on LIFEBench (README, "Equal To: which rule")
 
 
 @dataclass(frozen=True)
@@ -185,19 +186,23 @@ class LengthTarget:
     `LengthTarget.equal(128)` asks for 128 tokens of text followed by EOS (129 generated tokens:
     Generation.num_tokens counts the EOS). This is the count a user reads and LIFEBench scores.
 
-    `rule` (Equal To only): "strict" takes the candidate whose predicted remaining length is closest to
-    the target's (the paper's argmin); "band" samples by base probability among the candidates within
-    max(2, 0.25·ρ) tokens of it, and falls back to the closest when none is; "soft" (the reference's `eq_soft`)
-    samples from the base distribution exponentially tilted in value so that the expected value of the chosen
-    token equals the target's, and takes the closest when the target lies outside the candidates' values
-    (lenvm_rt/select_ref.py).
+    `rule` (Equal To only; None means DEFAULT_EQUAL_RULE, and "strict" for the other constraints):
+    "strict" takes the candidate whose predicted remaining length is closest to the target's (the paper's
+    argmin, EOS a candidate at every step); "band" samples by base probability among the candidates within
+    max(2, 0.25·ρ) tokens of it, and falls back to the closest when none is; "soft" (the reference's
+    `eq_soft`) samples from the base distribution exponentially tilted in value so that the expected value
+    of the chosen token equals the target's, and takes the closest when the target lies outside the
+    candidates' values (lenvm_rt/select_ref.py). Band and soft rows see no EOS before the target and EOS
+    at it, so they end where the target says whenever max_new_tokens allows.
     """
 
     constraint: str
     tokens: int
-    rule: str = "strict"
+    rule: str | None = None
 
     def __post_init__(self) -> None:
+        if self.rule is None:
+            object.__setattr__(self, "rule", DEFAULT_EQUAL_RULE if self.constraint == "equal" else "strict")
         _require(self.constraint in LENGTH_CONSTRAINTS,
                  f"length constraint must be one of {', '.join(LENGTH_CONSTRAINTS)}; got {self.constraint!r}")
         _require(_is_int(self.tokens) and self.tokens > 0,
@@ -208,7 +213,7 @@ class LengthTarget:
                  f"length rule {self.rule!r} applies to the equal constraint only; got {self.constraint!r}")
 
     @classmethod
-    def equal(cls, tokens: int, rule: str = "strict") -> LengthTarget:
+    def equal(cls, tokens: int, rule: str | None = None) -> LengthTarget:
         return cls("equal", tokens, rule)
 
     @classmethod

@@ -28,7 +28,7 @@ from guidance_cases import (
 )
 
 from lenvm_rt import _native
-from lenvm_rt.config import LengthTarget
+from lenvm_rt.config import DEFAULT_EQUAL_RULE, LengthTarget
 from lenvm_rt.guidance import Guidance
 from lenvm_rt.select_ref import BAND_ABS, BAND_REL, EQUAL, EQUAL_BAND, RULES, RowState, candidate_scores, select_row
 
@@ -193,17 +193,20 @@ def test_kernel_matches_core_and_specification_on_band_rows(kernel_device) -> No
     assert compared >= 0.9 * total, (compared, total)
 
 
-def test_api_maps_band_rule_and_keeps_strict_default() -> None:
+def test_api_maps_band_rule_and_the_default_rule() -> None:
     assert RULES["equal_band"] == EQUAL_BAND and RULES["equal"] == EQUAL
-    strict = LengthTarget.equal(12)
+    strict = LengthTarget.equal(12, rule="strict")
     assert strict.rule == "strict" and Guidance.of(strict, None) == Guidance(EQUAL, 13, 0.0)
     assert Guidance.of(LengthTarget.equal(12, rule="band"), None) == Guidance(EQUAL_BAND, 13, 0.0)
+    assert LengthTarget.equal(12).rule == DEFAULT_EQUAL_RULE == "band"  # chosen by measurement (README)
+    assert LengthTarget.equal(12) == LengthTarget("equal", 12, None) == LengthTarget.equal(12, rule="band")
     assert Guidance.of(LengthTarget.at_most(12), None).rule == RULES["at_most"]
+    assert LengthTarget.at_most(12).rule == LengthTarget.at_least(3).rule == "strict"
 
 
 @pytest.mark.parametrize("make", [
     lambda: LengthTarget.equal(5, rule="fuzzy"),
-    lambda: LengthTarget.equal(5, rule=None),
+    lambda: LengthTarget.equal(5, rule=""),
     lambda: LengthTarget("at_most", 5, "band"),
     lambda: LengthTarget("at_least", 5, "band"),
 ])
@@ -226,7 +229,8 @@ def test_cli_length_rule_is_passed_through() -> None:
     def length(*argv: str):
         return cli._length(cli.build_parser().parse_args(["generate", "--prompt", "hi", *argv]))
 
-    assert length("--length", "7") == LengthTarget.equal(7)
+    assert length("--length", "7") == LengthTarget.equal(7) == LengthTarget.equal(7, rule=DEFAULT_EQUAL_RULE)
+    assert length("--length", "7", "--length-rule", "strict") == LengthTarget.equal(7, rule="strict")
     assert length("--length", "7", "--length-rule", "band") == LengthTarget.equal(7, rule="band")
     with pytest.raises(ValueError, match="--length-rule needs --length"):
         length("--length-rule", "band")

@@ -42,7 +42,7 @@ def test_forcing_leaves_a_candidate_set_that_already_has_eos_alone():
 
 
 def test_eos_rule_per_row_and_step():
-    guidances = [Guidance.of(LengthTarget.equal(3), None), Guidance.of(LengthTarget.at_least(2), None),
+    guidances = [Guidance.of(LengthTarget.equal(3, rule="strict"), None), Guidance.of(LengthTarget.at_least(2), None),
                  Guidance.of(None, -5.0), None]
     rule = EosRule(guidances, torch.device("cpu"))  # targets T = N + 1: 4 and 3 generated tokens
     ban, force = rule.masks(step=1)  # drawing the 2nd token
@@ -55,7 +55,8 @@ def test_eos_rule_per_row_and_step():
 
 
 def test_band_rows_see_no_eos_before_their_target_and_strict_rows_always_do():
-    guidances = [Guidance.of(LengthTarget.equal(3, rule="band"), None), Guidance.of(LengthTarget.equal(3), None)]
+    guidances = [Guidance.of(LengthTarget.equal(3, rule="band"), None),
+                 Guidance.of(LengthTarget.equal(3, rule="strict"), None)]
     rule = EosRule(guidances, torch.device("cpu"))  # T = 4 generated tokens for both
     for step in range(3):
         ban, force = rule.masks(step)

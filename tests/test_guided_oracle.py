@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 import lenvm_rt
 from lenvm_rt import LengthTarget, Sampling, _native
-from lenvm_rt.guidance import CandidateSettings, Guidance, build_candidates
-from lenvm_rt.select_ref import AT_LEAST, GUIDANCE_STREAM, TILT, RowState, select_row
+from lenvm_rt.guidance import EOS_BANNED_BEFORE_TARGET, CandidateSettings, Guidance, build_candidates
+from lenvm_rt.select_ref import GUIDANCE_STREAM, TILT, RowState, select_row
 
 GAMMA = 0.97
 
@@ -35,7 +35,7 @@ def _oracle(policy, trunk, head, prompt, sampling, guidance, eos, max_new):
     with torch.no_grad():
         for step in range(max_new):
             logits = policy(torch.tensor([ids])).logits[:, -1].float()
-            ban = torch.tensor([guidance.rule == AT_LEAST and step + 1 < guidance.target])
+            ban = torch.tensor([guidance.rule in EOS_BANNED_BEFORE_TARGET and step + 1 < guidance.target])
             force = torch.tensor([guidance.rule != TILT and step + 1 >= guidance.target])
             cand, logp, filled = build_candidates(logits, settings, ban, force)
             hn = torch.stack([trunk.model(torch.tensor([ids + [int(c)]])).last_hidden_state[0, -1] for c in cand[0]])

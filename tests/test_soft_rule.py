@@ -300,7 +300,7 @@ def test_kernel_matches_core_and_specification_on_soft_rows(kernel_device) -> No
 def test_api_maps_the_soft_rule() -> None:
     assert RULES["equal_soft"] == EQUAL_SOFT == 6
     assert Guidance.of(LengthTarget.equal(12, rule="soft"), None) == Guidance(EQUAL_SOFT, 13, 0.0)
-    assert Guidance.of(LengthTarget.equal(12), None) == Guidance(EQUAL, 13, 0.0)
+    assert Guidance.of(LengthTarget.equal(12, rule="strict"), None) == Guidance(EQUAL, 13, 0.0)
 
 
 def test_soft_rows_see_no_eos_before_their_target() -> None:

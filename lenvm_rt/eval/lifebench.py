@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bench.report import write_record
-from ..config import LengthTarget, Sampling
+from ..config import DEFAULT_EQUAL_RULE, LengthTarget, Sampling
 from ..quality import generation_fields
 from .lifebench_score import (
     CONSTRAINTS,
@@ -247,7 +247,7 @@ def _record(unit: Unit, constraint: str, target: int, guided: bool, run: str, pr
 
 def _run_cell(runtime: Any, units: Sequence[Unit], constraint: str, target: int, *, guided: bool,
               sampling: Sampling, factor: float, batch_size: int, user_prefix: str, run: str, path: Path,
-              bar: Any, equal_rule: str = "strict") -> list[dict[str, Any]]:
+              bar: Any, equal_rule: str = DEFAULT_EQUAL_RULE) -> list[dict[str, Any]]:
     """Decode one (constraint, target) cell for `units`, appending each batch's records to `path`."""
     cap = max_new_tokens_for(constraint, target, factor)
     out: list[dict[str, Any]] = []
@@ -294,10 +294,10 @@ def run_lifebench(runtime: Any, units: Sequence[Unit | Mapping[str, Any]], targe
                   sampling: Sampling = GREEDY, max_new_tokens_factor: float = 2.0, batch_size: int = 8,
                   user_prefix: str = USER_PREFIX, data_path: str | Path | None = None,
                   malformed: Sequence[Mapping[str, Any]] = (), progress: bool = True,
-                  equal_rule: str = "strict") -> dict[str, Any]:
+                  equal_rule: str = DEFAULT_EQUAL_RULE) -> dict[str, Any]:
     """Evaluate every (unit, constraint, target) cell not yet in out_dir; return the summary record.
 
-    equal_rule: the Equal-To rule of guided runs ("strict" argmin, or "band"; LengthTarget.rule).
+    equal_rule: the Equal-To rule of guided runs ("strict" argmin, "band" or "soft"; LengthTarget.rule).
 
     runtime is a `lenvm_rt.Runtime` (with a value model when guided). malformed lists the data file's
     bad lines for the report. ValueError on bad arguments, before any decoding.

@@ -86,7 +86,7 @@ class LengthSpec(_Schema):
     model_config = ConfigDict(extra="forbid", strict=True)
     target: int
     constraint: str = "equal"
-    rule: str = "strict"
+    rule: str | None = None  # LengthTarget's default rule
 
 
 class StreamOptions(_Schema):
