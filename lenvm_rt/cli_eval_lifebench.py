@@ -22,7 +22,14 @@ from .config import DEFAULT_EQUAL_RULE
 
 def cmd_lifebench(a: argparse.Namespace) -> int:
     from .config import Sampling
-    from .eval.lifebench import format_summary, parse_constraints, parse_targets, read_units, run_lifebench
+    from .eval.lifebench import (
+        every_kth_unit,
+        format_summary,
+        parse_constraints,
+        parse_targets,
+        read_units,
+        run_lifebench,
+    )
 
     targets = parse_targets(a.targets)
     constraints = parse_constraints(a.constraints)
@@ -39,6 +46,7 @@ def cmd_lifebench(a: argparse.Namespace) -> int:
     units, malformed = read_units(a.data)
     for bad in malformed:
         print(f"warning: {a.data}:{bad['line']}: {bad['error']}; line skipped", file=sys.stderr)
+    units = every_kth_unit(units, a.every)
     if a.limit is not None:
         units = units[:a.limit]
 
@@ -74,6 +82,8 @@ def add_lifebench_command(eval_subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", default="eval_results/lifebench",
                    help="output directory; rerun the same command to resume (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N valid units")
+    p.add_argument("--every", type=int, default=1,
+                   help="a stratified 1/K subset: every K-th unit of each category and language, in id order")
     p.add_argument("--max-new-tokens-factor", type=float, default=2.0,
                    help="cap = ceil(F*N)+32 for equal/at-most, ceil(2F*N)+32 for at-least (default: %(default)s)")
     p.add_argument("--batch", type=int, default=8, help="prompts decoded together (default: %(default)s)")

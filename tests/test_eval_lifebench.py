@@ -12,7 +12,9 @@ from checkpoints import make_checkpoint, make_value_head
 
 from lenvm_rt.cli_eval_lifebench import add_lifebench_command
 from lenvm_rt.eval.lifebench import (
+    Unit,
     build_prompt,
+    every_kth_unit,
     length_deviation,
     length_score,
     max_new_tokens_for,
@@ -313,3 +315,15 @@ def test_unknown_equal_rule_is_refused(setup, tmp_path):
     units = read_units(data)[0]
     with pytest.raises(ValueError, match="length rule"):
         run_lifebench(rt, units, "4", "equal", False, tmp_path / "out", equal_rule="fuzzy", progress=False)
+
+
+def test_every_kth_unit_is_a_stratified_subset_in_id_order():
+    units = [Unit(str(i), lang, "t", category) for i, (category, lang) in
+             enumerate([("qa", "en")] * 5 + [("qa", "cn")] * 2 + [("create", "en")] * 4, start=1)]
+    units.reverse()  # file order must not matter
+    picked = [u.id for u in every_kth_unit(units, 3)]
+    assert picked == ["1", "4", "6", "8", "11"]  # qa/en 1..5 -> 1, 4; qa/cn 6, 7 -> 6; create/en 8..11 -> 8, 11
+    assert every_kth_unit(units, 1) == units
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="every must be an int >= 1"):
+            every_kth_unit(units, bad)

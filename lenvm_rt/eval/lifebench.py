@@ -95,6 +95,22 @@ class Unit:
                     type=str(row.get("type", "")))
 
 
+def every_kth_unit(units: Sequence[Unit], k: int) -> list[Unit]:
+    """A stratified 1/k subset: units 0, k, 2k, … of each (category, language) group in id order, in id order."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"every must be an int >= 1; got {k!r}")
+    if k == 1:
+        return list(units)
+
+    def order(u: Unit) -> tuple[int, str]:
+        return (int(u.id), "") if u.id.isdigit() else (0, u.id)
+
+    groups: dict[tuple[str, str], list[Unit]] = {}
+    for u in units:
+        groups.setdefault((u.category, u.lang), []).append(u)
+    return sorted((u for g in groups.values() for u in sorted(g, key=order)[::k]), key=order)
+
+
 def read_units(path: str | Path) -> tuple[list[Unit], list[dict[str, Any]]]:
     """Units of a LIFEBench JSONL file and its malformed lines ({"line": 1-based number, "error"}).
 

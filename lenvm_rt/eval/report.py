@@ -129,7 +129,8 @@ def _lifebench(runs: dict[str, Loaded], out: Path) -> list[str]:
     lines = []
     for m in modes:
         c = cfg[m]
-        lines.append(f"- {m}: {c['units']} units, targets {c['targets']}, sampling {json.dumps(c.get('sampling'))}, "
+        lines.append(f"- {m}: {c['units']} units of `{Path(str(c.get('data'))).name}`, targets {c['targets']}, "
+                     f"sampling {json.dumps(c.get('sampling'))}, "
                      f"counts {json.dumps(res[m]['counts'])}, malformed data lines {len(res[m]['malformed_lines'])}")
     lines += ["", "Length score (LS, 0–100) and mean |LD| per constraint and target, token level:", ""]
 
