@@ -303,7 +303,9 @@ def test_band_rule_runs_are_recorded_and_kept_apart(setup, tmp_path, torch_value
     summary = json.loads((out / "lifebench_guided.json").read_text())
     assert summary["config"]["equal_rule"] == "band"
     # the same directory with the strict rule is another run: its cells are not reused
-    assert _run(policy, data, out, "--value-model", str(head), "--constraints", "equal") == 2
+    assert _run(policy, data, out, "--value-model", str(head), "--constraints", "equal", "--length-rule",
+                "strict") == 2
+    assert _run(policy, data, out, "--value-model", str(head), "--constraints", "equal") == 0  # band: the default
 
 
 def test_unknown_equal_rule_is_refused(setup, tmp_path):
