@@ -10,8 +10,6 @@ and CLI plumbing with its bad input.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 from guidance_cases import (
@@ -22,6 +20,7 @@ from guidance_cases import (
     check_valid,
     core_step,
     decision_is_robust,
+    quiet_float_errors,  # noqa: F401  (an autouse fixture)
     ref_step,
     select_step,
     uniform,
@@ -31,17 +30,7 @@ from lenvm_rt import _native
 from lenvm_rt.config import DEFAULT_EQUAL_RULE, LengthTarget
 from lenvm_rt.guidance import Guidance
 from lenvm_rt.select_ref import BAND_ABS, BAND_REL, EQUAL, EQUAL_BAND, RULES, RowState, candidate_scores, select_row
-
-
-@pytest.fixture(autouse=True)
-def _quiet_float_errors():
-    with np.errstate(over="ignore", under="ignore"):
-        yield
-
-
-def z_for_remaining(length: float, gamma: float) -> float:
-    """The logit whose predicted remaining length softplus(z) / -ln γ is `length` (> 0)."""
-    return math.log(math.expm1(-length * math.log(gamma)))
+from lenvm_rt.value_math import logit_of_length
 
 
 def band_of(ids: np.ndarray, z: np.ndarray, s: RowState) -> tuple[np.ndarray, np.ndarray, np.float32]:
@@ -64,7 +53,7 @@ def band_case(rng: np.random.Generator, batch: int, k: int, targets: np.ndarray,
     rho = np.maximum(targets - 1, 0)[:, None]
     spread = rng.choice([0.5, 1.5, 4.0], (batch, 1))  # narrow spreads put every candidate in band, wide ones none
     lengths = np.maximum(rho + rng.normal(0, 1, (batch, k)) * spread * np.maximum(BAND_REL * rho, BAND_ABS), 0.01)
-    z = np.vectorize(lambda x: z_for_remaining(x, gamma))(lengths).astype(np.float32)
+    z = np.vectorize(lambda x: logit_of_length(x, gamma))(lengths).astype(np.float32)
     return ids, logp, z
 
 
@@ -102,7 +91,7 @@ def test_band_never_picks_outside_the_band_when_a_candidate_is_inside() -> None:
 def test_single_in_band_candidate_is_chosen_whatever_its_probability(greedy) -> None:
     # ρ = 19 (T = 20, t = 0): band ±4.75. Only slot 3 (l̂ = 21, the least probable) is inside.
     gamma = 0.9
-    z = [z_for_remaining(x, gamma) for x in (2.0, 9.0, 40.0, 21.0, 60.0)]
+    z = [logit_of_length(x, gamma) for x in (2.0, 9.0, 40.0, 21.0, 60.0)]
     ids, logp = [10, 11, 12, 13, 14], [-0.1, -1.0, -2.0, -9.0, -3.0]
     for seed in range(30):
         settings = dict(rule=EQUAL_BAND, target=20, max_new=100, gamma=gamma, beta=0.0, seed=seed, greedy=greedy)
@@ -122,7 +111,7 @@ def test_empty_band_falls_back_to_equal() -> None:
         # every candidate at least 1.5 half-widths away, on either side
         lengths = rho + rng.choice([-1, 1], 6) * half * rng.uniform(1.5, 3.0, 6)
         lengths = np.maximum(lengths, 0.01)
-        z = np.array([z_for_remaining(x, gamma) for x in lengths], np.float32)
+        z = np.array([logit_of_length(x, gamma) for x in lengths], np.float32)
         ids = rng.integers(10, 40, 6).astype(np.int32)
         logp = (-rng.exponential(2.0, 6)).astype(np.float32)
         rows = {}
@@ -147,7 +136,7 @@ def test_draw_frequencies_match_renormalised_base_probabilities() -> None:
     counts = np.zeros(len(probs))
     for t in range(steps):
         rho = target - t - 1
-        z = np.array([z_for_remaining(rho + o, gamma) for o in offsets], np.float32)
+        z = np.array([logit_of_length(rho + o, gamma) for o in offsets], np.float32)
         slot, _, _ = core_step(batch, rows, ids, logp, np.tile(z, (capacity, 1)))
         counts += np.bincount(slot, minlength=len(probs))
     n = capacity * steps
@@ -246,6 +235,6 @@ def test_at_the_target_only_eos_is_in_band():
     s = RowState(rule=EQUAL_BAND, target=5, generated=4, max_new=32, gamma=gamma, beta=0.0, seed=0, greedy=True)
     ids = np.array([3, EOS[0], -1], dtype=np.int32)
     logp = np.array([-0.1, -3.0, -np.inf], dtype=np.float32)
-    z = np.array([z_for_remaining(1.5, gamma), 0.0, 0.0], dtype=np.float32)
+    z = np.array([logit_of_length(1.5, gamma), 0.0, 0.0], dtype=np.float32)
     choice = select_row(ids, logp, z, s, list(EOS), 0.5)
     assert choice.token == EOS[0] and choice.done

@@ -6,8 +6,6 @@ depend on the batch. Near-tie rows are compared for validity only (see tests/gui
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -19,6 +17,7 @@ from guidance_cases import (
     check_valid,
     core_step,
     decision_is_robust,
+    quiet_float_errors,  # noqa: F401  (an autouse fixture)
     random_candidates,
     random_settings,
     ref_step,
@@ -33,14 +32,7 @@ from hypothesis.extra import numpy as hnp
 from lenvm_rt import _native
 from lenvm_rt.kernels.select import _philox_uniform_ref
 from lenvm_rt.select_ref import AT_LEAST, AT_MOST, EQUAL, TILT, candidate_scores
-
-
-@pytest.fixture(autouse=True)
-def _quiet_float_errors():
-    """The specification's np.exp overflows (to the intended inf) for z < -88; so does the interpreted kernel."""
-    with np.errstate(over="ignore", under="ignore"):
-        yield
-
+from lenvm_rt.value_math import logit_of_length
 
 # --- (a) differential tests -------------------------------------------------------------------------------------
 
@@ -154,13 +146,10 @@ def one_row(backend: tuple[str, str], rule: int, ids, z, logp=None, *, target: i
     return choices
 
 
-def z_for_remaining(length: float, gamma: float) -> float:
-    return math.log(math.expm1(-length * math.log(gamma)))  # softplus(z) / -ln γ = length
-
 
 def test_equal_picks_candidate_whose_remaining_length_is_closest_to_target(backend) -> None:
     # t = 0, T = 8: ρ = 7 tokens wanted after this one; l̂ = 2, 6.6, 7.5, 30.
-    z = [z_for_remaining(x, 0.9) for x in (2.0, 6.6, 7.5, 30.0)]
+    z = [logit_of_length(x, 0.9) for x in (2.0, 6.6, 7.5, 30.0)]
     assert one_row(backend, EQUAL, [10, 11, 12, 13], z, target=8) == [(1, 11, False)]
     assert one_row(backend, EQUAL, [10, 11, 12, 13], z, target=9) == [(2, 12, False)]  # ρ = 8: 7.5 beats 6.6
 

@@ -23,6 +23,7 @@ from guidance_cases import (
     check_valid,
     core_step,
     decision_is_robust,
+    quiet_float_errors,  # noqa: F401  (an autouse fixture)
     ref_step,
     select_step,
     uniform,
@@ -45,18 +46,7 @@ from lenvm_rt.select_ref import (
     soft_target,
     soft_tilt,
 )
-
-
-@pytest.fixture(autouse=True)
-def _quiet_float_errors():
-    with np.errstate(over="ignore", under="ignore"):
-        yield
-
-
-def z_for_remaining(length: float, gamma: float) -> float:
-    """The logit whose predicted remaining length softplus(z) / -ln γ is `length` (> 0)."""
-    a = -length * math.log(gamma)
-    return a + math.log(-math.expm1(-a))  # log(e^a - 1) without overflow
+from lenvm_rt.value_math import logit_of_length
 
 
 def soft_case(rng: np.random.Generator, batch: int, k: int, rho: np.ndarray, gamma: float):
@@ -68,7 +58,7 @@ def soft_case(rng: np.random.Generator, batch: int, k: int, rho: np.ndarray, gam
     spread = rng.choice([0.3, 1.0, 3.0], (batch, 1)) * np.maximum(0.25 * rho[:, None], 2.0)
     shift = rng.choice([0.0, 0.0, 0.0, 2.5, -2.5], (batch, 1)) * spread  # shifted rows may lie outside the range
     lengths = np.maximum(rho[:, None] + shift + rng.normal(0, 1, (batch, k)) * spread, 0.01)
-    z = np.vectorize(lambda x: z_for_remaining(x, gamma))(lengths).astype(np.float32)
+    z = np.vectorize(lambda x: logit_of_length(x, gamma))(lengths).astype(np.float32)
     for b in range(batch):
         if k > 1 and rng.random() < 0.3:  # an exact tie: slot j repeats slot j - 1
             j = int(rng.integers(1, k))
@@ -116,7 +106,7 @@ def test_solver_hits_the_target_value_in_expectation() -> None:
         ids = rng.integers(10, 40, n).astype(np.int32)
         ids[rng.random(n) < 0.1] = EOS[0]
         lengths = np.maximum(rho * np.exp(rng.normal(0, rng.choice([0.1, 0.5, 1.5]), n)), 0.01)
-        z = np.array([z_for_remaining(x, gamma) for x in lengths], np.float32)
+        z = np.array([logit_of_length(x, gamma) for x in lengths], np.float32)
         logp = (-rng.exponential(rng.choice([0.5, 2.0, 10.0]), n)).astype(np.float32)
         u, _ = candidate_scores(ids, z, gamma, set(EOS))
         u_star = soft_target(rho, gamma)
@@ -141,7 +131,7 @@ def test_solver_moves_lambda_the_right_way_and_stays_in_its_bracket() -> None:
 @pytest.mark.parametrize("gamma", GAMMAS + (0.9998,))
 def test_target_value_is_the_value_of_a_candidate_predicting_rho(gamma) -> None:
     for rho in (1, 2, 7, 50, 300, 2000):
-        z = np.array([z_for_remaining(rho, gamma)], np.float32)
+        z = np.array([logit_of_length(rho, gamma)], np.float32)
         u, remaining = candidate_scores(np.array([11]), z, gamma, set(EOS))
         assert abs(float(remaining[0]) - rho) <= 1e-4 * rho
         assert abs(float(u[0]) - soft_target(rho, gamma)) <= 1e-6, (rho, float(u[0]), soft_target(rho, gamma))
@@ -175,7 +165,7 @@ def choose(backend: tuple[str, str], rule: int, ids, z, logp, *, target: int, ga
 def test_target_outside_the_candidates_range_makes_equals_choice(backend, side) -> None:
     gamma, target = 0.9, 21  # ρ = 20
     lengths = (25.0, 31.0, 22.5, 60.0) if side == "all longer" else (3.0, 19.0, 12.0, 1.0)
-    z = [z_for_remaining(x, gamma) for x in lengths]
+    z = [logit_of_length(x, gamma) for x in lengths]
     ids, logp = [10, 11, 12, 13], [-0.1, -0.5, -4.0, -1.0]
     closest = 2 if side == "all longer" else 1
     for seed in range(8 if backend[0] != "triton" else 2):
@@ -189,7 +179,7 @@ def test_target_outside_the_candidates_range_makes_equals_choice(backend, side) 
 def test_rho_zero_ends_on_the_eos_candidate(backend, greedy) -> None:
     """T = 1 at t = 0: ρ = 0, u* = 0 = u(EOS) <= min u, so the rule makes EQUAL's choice, the EOS candidate."""
     gamma = 0.97
-    z = [z_for_remaining(x, gamma) for x in (0.5, 3.0)] + [0.0]
+    z = [logit_of_length(x, gamma) for x in (0.5, 3.0)] + [0.0]
     for seed in range(5 if backend[0] != "triton" else 1):
         assert choose(backend, EQUAL_SOFT, [3, 4, EOS[1]], z, [-0.01, -2.0, -9.0], target=1, gamma=gamma,
                       seed=seed, greedy=greedy) == (2, EOS[1], True)
@@ -200,7 +190,7 @@ def test_greedy_row_takes_the_argmax_of_the_tilted_distribution(backend) -> None
     # tilt that lifts the mean value to u* makes a longer candidate the mode.
     gamma = 0.9
     ids, logp = [10, 11, 12, 13], [-0.05, -3.5, -4.0, -6.0]
-    z = [z_for_remaining(x, gamma) for x in (2.0, 9.0, 14.0, 40.0)]
+    z = [logit_of_length(x, gamma) for x in (2.0, 9.0, 14.0, 40.0)]
     s = RowState(EQUAL_SOFT, 12, 0, 100, gamma, 0.0, 0, True)
     u, _ = candidate_scores(np.array(ids), np.array(z, np.float32), gamma, set(EOS))
     lam, score, _ = soft_tilt(np.array(logp, np.float32), u, soft_target(11, gamma))
@@ -224,7 +214,7 @@ def test_draw_frequencies_match_the_tilted_distribution() -> None:
     counts, expected, variance = np.zeros(len(ids)), np.zeros(len(ids)), np.zeros(len(ids))
     for t in range(steps):
         rho = target - t - 1
-        z = np.array([z_for_remaining(rho + o, gamma) for o in offsets], np.float32)
+        z = np.array([logit_of_length(rho + o, gamma) for o in offsets], np.float32)
         u, _ = candidate_scores(ids, z, gamma, set(EOS))
         p = tilted(logp, u, soft_target(rho, gamma))
         assert abs(float(p @ u.astype(np.float64)) - soft_target(rho, gamma)) <= 1e-6
