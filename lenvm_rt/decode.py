@@ -84,27 +84,29 @@ class _Rows:
     def emit(self, step: int, tokens: torch.Tensor, logits: torch.Tensor,
              remaining: list[float] | None) -> list[Emitted | None]:
         logp, rank = token_stats(logits, tokens)
+        # one device-to-host transfer per step for the ids, log-probabilities and ranks
+        ids, logp, rank = torch.stack((tokens.double(), logp.double(), rank.double())).tolist()
         out: list[Emitted | None] = []
-        for b, token in enumerate(tokens.tolist()):
+        for b, token in enumerate(map(int, ids)):
             if not self.running[b]:
                 out.append(None)
                 continue
             reason = "stop" if token in self.eos else ("length" if step + 1 == self.max_new else None)
             self.running[b] = reason is None
-            out.append((token, reason, None if remaining is None else remaining[b], logp[b], rank[b]))
+            out.append((token, reason, None if remaining is None else remaining[b], logp[b], int(rank[b])))
         return out
 
 
-def token_stats(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[list[float], list[int]]:
-    """log p(tokens[b]) under softmax(logits[b]) and its 1-based rank (1 + tokens strictly more likely)."""
+def token_stats(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(tokens[b]) under softmax(logits[b]) [B] and its 1-based rank [B] (1 + tokens strictly more likely)."""
     logits = logits.float()
     chosen = logits.gather(1, tokens.view(-1, 1))  # [B, 1]
     logp = chosen.squeeze(1) - torch.logsumexp(logits, dim=-1)
     rank = (logits > chosen).sum(dim=-1) + 1
-    return logp.tolist(), rank.tolist()
+    return logp, rank
 
 
-def _live_width(filled: torch.Tensor, guided: torch.Tensor) -> int:
+def live_width(filled: torch.Tensor, guided: torch.Tensor) -> int:
     """Slots the lookahead needs this step: the most filled slots of any guided row (unguided: 1).
 
     Filled slots are a prefix of each row (candidates sorted by probability, filters monotone, a
@@ -182,7 +184,7 @@ def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], sampli
             plain = chooser(logits, [step] * B) if len(guided) < B else torch.zeros(B, dtype=torch.long, device=dev)
             ban, force = eos_rule.masks(step)
             cand, logp, filled = build_candidates(logits, settings, ban, force)  # [B, K]
-            width = _live_width(filled, guided_mask)
+            width = live_width(filled, guided_mask)
             cand, logp = cand[:, :width], logp[:, :width]
             cand = torch.where(unguided.view(-1, 1), plain.view(-1, 1), cand)
             watch.lap("lm_head_and_candidates")

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..config import Sampling
-from ..decode import CACHE_BLOCK, _live_width
+from ..decode import CACHE_BLOCK, live_width
 from ..guidance import CandidateSettings, EosRule, Guidance, build_candidates
 from ..runtime import Runtime
 from ..sampling import TokenChooser, resolve_seed
@@ -353,7 +353,7 @@ class Engine:
                  else torch.zeros(B, dtype=torch.long, device=dev))
         ban, force = self._eos_rule.masks(torch.tensor(steps, device=dev))
         cand, logp, filled = build_candidates(logits, self._cand_settings, ban, force)
-        width = _live_width(filled, ~unguided)
+        width = live_width(filled, ~unguided)
         cand, logp = cand[:, :width], logp[:, :width]
         cand = torch.where(unguided.view(-1, 1), plain.view(-1, 1), cand)
         trunk = value.trunk or self.rt.model
