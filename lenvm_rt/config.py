@@ -137,15 +137,19 @@ def _rope_from_hf(raw: dict[str, Any]) -> RopeConfig:
     )
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this decode greedily
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How the next token is drawn.
 
-    temperature 0 means greedy (argmax); otherwise the distribution softmax(logits / temperature) is
-    filtered by top-k (None or 0: off), then top-p (1.0: off; exclusive prefix mass, full-vocabulary
-    probabilities), then min-p (0.0: off; keep p >= min_p * p_max). The most likely token always
-    survives. `seed` keys a counter-based RNG, so a seeded request draws the same tokens whatever
-    batch or slot it runs in; None draws a fresh seed per request.
+    temperature 0 means greedy (argmax), and so does any temperature below GREEDY_BELOW (1/t would overflow
+    float32, and the softmax at such a temperature is the argmax anyway); otherwise the distribution
+    softmax(logits / temperature) is filtered by top-k (None or 0: off), then top-p (1.0: off; exclusive
+    prefix mass, full-vocabulary probabilities), then min-p (0.0: off; keep p >= min_p * p_max). The most
+    likely token always survives. `seed` keys a counter-based RNG, so a seeded request draws the same tokens
+    whatever batch or slot it runs in; None draws a fresh seed per request.
     """
 
     temperature: float = 1.0
@@ -170,7 +174,7 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 LENGTH_CONSTRAINTS = ("equal", "at_most", "at_least")

@@ -83,7 +83,7 @@ class CandidateSettings:
         slots = [candidate_slots(s) for s in samplings]
         return CandidateSettings(
             k=max(slots),
-            inv_temperature=torch.tensor([1.0 / (s.temperature or 1.0) for s in samplings],
+            inv_temperature=torch.tensor([1.0 if s.greedy else 1.0 / s.temperature for s in samplings],
                                          device=device).view(-1, 1),
             top_k=torch.tensor(slots, device=device),
             top_p=torch.tensor([s.top_p for s in samplings], device=device),

@@ -230,3 +230,16 @@ def test_guided_rows_carry_the_policy_log_probabilities_of_their_tokens(rt):
         forward = text_quality(rt.model, prompt, out.token_ids, rt.eos_token_ids)
         assert steps.nll == pytest.approx(forward.nll, abs=1e-4) and steps.mean_rank == forward.mean_rank
         assert steps.nll > 1.0  # EOS is banned or passed over: the chosen tokens are far from the policy's top one
+
+
+@pytest.mark.parametrize("temperature", [2e-171, 1e-30, 9.9e-6])
+def test_a_vanishing_temperature_decodes_greedily_guided_or_not(rt, temperature):
+    """1 / temperature overflows float32 here; such rows must equal temperature 0, not fill with NaN."""
+    lengths = [LengthTarget.equal(6), None, None]
+    tilts = [None, None, -2.0]
+    tiny = [Sampling(temperature=temperature, min_p=0.1, seed=3)] * 3
+    zero = [Sampling(temperature=0, min_p=0.1, seed=3)] * 3
+    prompts = [[5, 17, 42], [9, 8, 7], [100, 101]]
+    got = rt.generate_batch(prompts, max_new_tokens=10, sampling=tiny, length=lengths, tilt=tilts)
+    want = rt.generate_batch(prompts, max_new_tokens=10, sampling=zero, length=lengths, tilt=tilts)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]

@@ -105,3 +105,17 @@ def test_length_prediction_runs_beside_a_running_batch(rt):
         assert c.wait()[0] == tokens
     finally:
         engine.stop()
+
+
+def test_a_vanishing_temperature_is_served_as_greedy(rt):
+    """A temperature whose inverse overflows float32 decodes as temperature 0, guided or not."""
+    engine = Engine(rt, max_batch=2, max_queue=4).start()
+    try:
+        for length in (None, LengthTarget.equal(4)):
+            c = Collector()
+            engine.submit([7, 8, 9], 6, Sampling(temperature=2e-171, seed=1), Guidance.of(length, None), c)
+            tokens, _, _ = c.wait()
+            assert tokens == rt.generate([7, 8, 9], max_new_tokens=6, sampling=Sampling(temperature=0),
+                                         length=length).token_ids
+    finally:
+        engine.stop()
