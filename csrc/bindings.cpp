@@ -381,7 +381,7 @@ PYBIND11_MODULE(_core, m) {
         .def("admit", &GuidanceBatch::admit, py::arg("slot"), py::arg("rule"), py::arg("target"), py::arg("max_new"),
              py::arg("gamma"), py::arg("beta"), py::arg("seed"), py::arg("greedy"),
              "Start a request in a free slot with t = 0: rule 1 equal, 2 at_most, 3 at_least, 4 tilt, 5 equal_band,\n"
-             "6 equal_soft; target >= 1 (unused by tilt); max_new >= 1; 0 < gamma < 1; |beta| <= 1e30;\n"
+             "6 equal_soft, 7 at_most_band, 8 at_least_band; target >= 1 (unused by tilt); max_new >= 1; 0 < gamma < 1; |beta| <= 1e30;\n"
              "seed in [0, 2**64).")
         .def("retire", &GuidanceBatch::retire, py::arg("slot"), "Free an active slot.")
         .def("step", &guidance_step, py::arg("rows").noconvert(), py::arg("cand_ids").noconvert(),

@@ -46,6 +46,34 @@ std::int64_t best_slot(std::int64_t n, Key key, Better better) {
 bool less(float a, float b) { return a < b; }
 bool greater(float a, float b) { return a > b; }
 
+// The band rules' choice among the candidates where `in_band` holds (select_ref.band_slot): the first in-band
+// argmax of logp when greedy, else the inverse CDF over p = exp(logp - max in-band logp), 0 outside the band, with
+// `uniform` (the last in-band slot when no running sum exceeds U·total). -1 when no candidate is in band.
+// Membership is recomputed (same operations, same bits) rather than stored: no per-step buffer.
+template <class InBand>
+std::int64_t band_choice(const float* logp, std::int64_t n, InBand in_band, bool greedy, float uniform) {
+    std::int64_t top = -1;
+    std::int64_t last = -1;
+    for (std::int64_t j = 0; j < n; ++j) {
+        if (!in_band(j)) continue;
+        if (top < 0 || logp[j] > logp[top]) top = j;
+        last = j;
+    }
+    if (top < 0 || greedy) return top;
+    float total = 0.0f;
+    for (std::int64_t j = 0; j < n; ++j) {
+        if (in_band(j)) total += std::exp(logp[j] - logp[top]);
+    }
+    const float r = uniform * total;
+    float cdf = 0.0f;
+    for (std::int64_t j = 0; j < n; ++j) {
+        if (!in_band(j)) continue;
+        cdf += std::exp(logp[j] - logp[top]);
+        if (cdf > r) return j;
+    }
+    return last;
+}
+
 }  // namespace
 
 GuidanceBatch::GuidanceBatch(std::int64_t capacity, std::vector<std::int32_t> eos_ids) {
@@ -71,8 +99,9 @@ void GuidanceBatch::admit(std::int64_t slot, std::int32_t rule, std::int64_t tar
     if (checked_row(slot).active) {
         fail("slot", "a free slot (retire it first)", std::to_string(slot) + ", which is active");
     }
-    check(rule >= kEqual && rule <= kEqualSoft, "rule",
-          "1 (equal), 2 (at_most), 3 (at_least), 4 (tilt), 5 (equal_band) or 6 (equal_soft)", rule);
+    check(rule >= kEqual && rule <= kAtLeastBand, "rule",
+          "1 (equal), 2 (at_most), 3 (at_least), 4 (tilt), 5 (equal_band), 6 (equal_soft), 7 (at_most_band) or "
+          "8 (at_least_band)", rule);
     check(rule == kTilt || target >= 1, "target", "an integer >= 1 for every rule but tilt", target);
     check(max_new >= 1, "max_new", "an integer >= 1", max_new);
     check(gamma > 0.0 && gamma < 1.0, "gamma", "a number in (0, 1)", gamma);
@@ -185,30 +214,11 @@ std::int64_t GuidanceBatch::equal_slot(const GuidanceRow& row, const std::int32_
     const float band = rho > 0.0f ? std::max(kBandAbs, kBandRel * rho) : 0.0f;  // at the target: EOS only
     // The closest candidate is in band whenever any is; otherwise EQUAL_BAND makes EQUAL's choice.
     if (row.rule == kEqual || !(distance(closest) <= band)) return closest;
+    return band_choice(logp, n, [&](std::int64_t j) { return distance(j) <= band; }, row.greedy, draw(row));
+}
 
-    // In-band membership is recomputed (same operations, same bits) rather than stored: no per-step buffer.
-    const auto in_band = [&](std::int64_t j) { return distance(j) <= band; };
-    std::int64_t top = closest;  // in-band argmax of logp, first on ties
-    std::int64_t last = closest;
-    for (std::int64_t j = 0; j < n; ++j) {
-        if (!in_band(j)) continue;
-        if (logp[j] > logp[top] || (logp[j] == logp[top] && j < top)) top = j;
-        last = j;
-    }
-    if (row.greedy) return top;
-    // Inverse CDF as in tilt_slot over p = exp(logp - max in-band logp), 0 outside the band.
-    float total = 0.0f;
-    for (std::int64_t j = 0; j < n; ++j) {
-        if (in_band(j)) total += std::exp(logp[j] - logp[top]);
-    }
-    const float r = rng::uniform(row.seed, static_cast<std::uint32_t>(row.generated), kGuidanceStream) * total;
-    float cdf = 0.0f;
-    for (std::int64_t j = 0; j < n; ++j) {
-        if (!in_band(j)) continue;
-        cdf += std::exp(logp[j] - logp[top]);
-        if (cdf > r) return j;
-    }
-    return last;
+float GuidanceBatch::draw(const GuidanceRow& row) {
+    return rng::uniform(row.seed, static_cast<std::uint32_t>(row.generated), kGuidanceStream);
 }
 
 std::int64_t GuidanceBatch::soft_slot(const GuidanceRow& row, const std::int32_t* ids, const float* logp,
@@ -294,6 +304,9 @@ Choice GuidanceBatch::select(const GuidanceRow& row, const std::int32_t* ids, co
     std::int64_t n = 1;  // filled slots form a prefix (validated)
     while (n < k && ids[n] >= 0) ++n;
     const auto u = [&](std::int64_t j) { return is_eos(ids[j]) ? 0.0f : value_of_logit(z[j]); };
+    const auto remaining = [&](std::int64_t j) {
+        return is_eos(ids[j]) ? 0.0f : remaining_from_logit(z[j], row.neg_log_gamma);
+    };
     const std::int64_t t = row.generated;
     const bool budget_met = t + 1 >= row.target;
 
@@ -305,6 +318,7 @@ Choice GuidanceBatch::select(const GuidanceRow& row, const std::int32_t* ids, co
             slot = equal_slot(row, ids, logp, z, n);
             break;
         case kAtMost:
+        case kAtMostBand:
             if (budget_met) {
                 slot = -1;
                 for (std::int64_t j = 0; j < n && slot < 0; ++j) {
@@ -312,16 +326,32 @@ Choice GuidanceBatch::select(const GuidanceRow& row, const std::int32_t* ids, co
                 }
             } else {
                 slot = best_slot(n, u, less);
+                if (row.rule == kAtMostBand) {
+                    const auto rho = static_cast<float>(row.target - t - 1);  // > 0 here
+                    const std::int64_t fit = band_choice(
+                        logp, n, [&](std::int64_t j) { return remaining(j) <= rho; }, row.greedy, draw(row));
+                    if (fit >= 0) slot = fit;
+                }
             }
             break;
         case kAtLeast:
+        case kAtLeastBand:
             if (budget_met) {
-                slot = best_slot(n, u, less);
+                slot = row.rule == kAtLeastBand
+                           ? band_choice(logp, n, [](std::int64_t) { return true; }, row.greedy, draw(row))
+                           : best_slot(n, u, less);
             } else {
                 // EOS scores -1, below every u in [0, 1]; a row of only EOS candidates takes slot 0, like the
                 // reference's unmasked argmax over all-zero scores.
                 slot = best_slot(n, [&](std::int64_t j) { return is_eos(ids[j]) ? -1.0f : value_of_logit(z[j]); },
                                  greater);
+                if (row.rule == kAtLeastBand) {
+                    const auto rho = static_cast<float>(row.target - t - 1);
+                    const std::int64_t reach = band_choice(
+                        logp, n, [&](std::int64_t j) { return !is_eos(ids[j]) && remaining(j) >= rho; }, row.greedy,
+                        draw(row));
+                    if (reach >= 0) slot = reach;
+                }
             }
             break;
         default:  // kTilt; admit() accepts no other rule

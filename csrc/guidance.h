@@ -13,6 +13,10 @@
 // p' ∝ exp(a + λ·d) (a = logp - max logp, d = u - min u) with λ from exactly kSoftIterations safeguarded Newton
 // steps in [-kSoftBound, kSoftBound] (select_ref.soft_lambda, the same double operations in the same order), then
 // argmax(a + λ·d) when greedy or the inverse CDF over the double weights with TILT's uniform. Stop rules as EQUAL.
+// AT_MOST_BAND and AT_LEAST_BAND choose as EQUAL_BAND does within their own band: before the target, the candidates
+// with l̂ <= ρ (At Most: they fit the budget) or the non-EOS ones with l̂ >= ρ (At Least: they reach it), with
+// AT_MOST's or AT_LEAST's choice when none is in band; at the target AT_MOST_BAND forces EOS as AT_MOST does and
+// AT_LEAST_BAND's band is every candidate.
 //
 // Shapes: B batch rows, K candidate slots per row, C capacity (slots of the table), E EOS ids.
 //   rows       int32 [B]     slot of each batch row; distinct, each slot admitted and not retired
@@ -38,7 +42,9 @@
 
 namespace lenvm {
 
-enum Rule : std::int32_t { kEqual = 1, kAtMost = 2, kAtLeast = 3, kTilt = 4, kEqualBand = 5, kEqualSoft = 6 };
+enum Rule : std::int32_t {
+    kEqual = 1, kAtMost = 2, kAtLeast = 3, kTilt = 4, kEqualBand = 5, kEqualSoft = 6, kAtMostBand = 7, kAtLeastBand = 8
+};
 
 inline constexpr std::uint32_t kGuidanceStream = 1;  // Philox stream of guided draws; 0 is plain sampling
 inline constexpr double kMaxAbsBeta = 1e30;           // keeps logp + β·u finite for every finite logp
@@ -85,7 +91,7 @@ public:
     // capacity in [1, kMaxCapacity]; eos_ids non-empty, each >= 0 (eos_ids[0] is the forced EOS token).
     GuidanceBatch(std::int64_t capacity, std::vector<std::int32_t> eos_ids);
 
-    // Start a request in a free slot with t = 0. rule in {1, ..., 6}; target >= 1 unless rule is TILT;
+    // Start a request in a free slot with t = 0. rule in {1, ..., 8}; target >= 1 unless rule is TILT;
     // max_new >= 1; 0 < gamma < 1; beta finite with |beta| <= kMaxAbsBeta.
     void admit(std::int64_t slot, std::int32_t rule, std::int64_t target, std::int64_t max_new, double gamma,
                double beta, std::uint64_t seed, bool greedy);
@@ -112,6 +118,7 @@ private:
                            std::int64_t n, std::int64_t closest) const;
     std::int64_t tilt_slot(const GuidanceRow& row, const std::int32_t* ids, const float* logp, const float* z,
                            std::int64_t n) const;
+    static float draw(const GuidanceRow& row);  // the row's guidance uniform at its step
 
     std::vector<GuidanceRow> rows_;     // [C]
     std::vector<std::uint64_t> seen_;   // [C] step stamp of the last step that named the slot (duplicate check)

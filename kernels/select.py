@@ -11,6 +11,10 @@ Math:     the rules of lenvm_rt/select_ref.py (the specification; the C++ core `
             EQUAL_BAND in band: |l̂ - ρ| <= max(BAND_ABS, BAND_REL·ρ); greedy rows take the in-band argmax of logp,
                       others the first slot whose running sum of exp(logp - max in-band logp) (0 out of band)
                       exceeds U·total with TILT's U, else the last in-band slot; none in band: EQUAL's choice
+            AT_MOST_BAND / AT_LEAST_BAND choose as EQUAL_BAND within their own band: before the target the
+                      candidates with l̂ <= ρ (At Most) or the non-EOS ones with l̂ >= ρ (At Least), with AT_MOST's or
+                      AT_LEAST's choice when none is in band; at the target AT_MOST_BAND forces EOS as AT_MOST and
+                      AT_LEAST_BAND's band is every candidate
             EQUAL_SOFT in fp64 on the fp32 u: u* = 1 - exp(-ρ·nlg); u* <= min u or u* >= max u: EQUAL's choice;
                       else p' ∝ exp(a + λ·d), a = logp - max logp, d = u - min u, λ after exactly SOFT_ITERATIONS
                       safeguarded Newton steps in [-SOFT_BOUND, SOFT_BOUND] (select_ref.soft_lambda); greedy rows
@@ -43,7 +47,7 @@ from ._compat import tl, triton
 from .value_head import describe, use_triton
 
 K_MAX = 64  # candidates live in one register block per program
-EQUAL, AT_MOST, AT_LEAST, TILT, EQUAL_BAND, EQUAL_SOFT = 1, 2, 3, 4, 5, 6
+EQUAL, AT_MOST, AT_LEAST, TILT, EQUAL_BAND, EQUAL_SOFT, AT_MOST_BAND, AT_LEAST_BAND = 1, 2, 3, 4, 5, 6, 7, 8
 BAND_REL, BAND_ABS = 0.25, 2.0  # EQUAL_BAND half-width in tokens: the constants of lenvm_rt/select_ref.py
 SOFT_ITERATIONS, SOFT_BOUND = 20, 1e5  # EQUAL_SOFT's solver: the constants of lenvm_rt/select_ref.py (the kernel
                                       # spells them out as literals)
@@ -57,7 +61,7 @@ _BACKENDS = ("auto", "triton", "torch")
 class GuidanceState:
     """Per-slot guidance state on one device; every tensor is [C] and written only by `admit` and `select`."""
 
-    rule: torch.Tensor  # int32: EQUAL, AT_MOST, AT_LEAST, TILT, EQUAL_BAND or EQUAL_SOFT
+    rule: torch.Tensor  # int32: EQUAL ... AT_LEAST_BAND (1-8)
     target: torch.Tensor  # int32: T, generated tokens including EOS (unused by TILT)
     generated: torch.Tensor  # int32: t, advanced by `select`
     max_new: torch.Tensor  # int32
@@ -80,9 +84,9 @@ class GuidanceState:
               seed: int = 0, greedy: bool = False) -> None:
         """Validate one request's settings on the host (the C++ core's rules) and write them with t = 0."""
         _check_int("slot", slot, 0, self.rule.numel() - 1)
-        if isinstance(rule, bool) or not isinstance(rule, int) or not EQUAL <= rule <= EQUAL_SOFT:
-            raise ValueError(f"rule: expected 1 (equal), 2 (at_most), 3 (at_least), 4 (tilt), 5 (equal_band) or "
-                             f"6 (equal_soft), got {rule!r}")
+        if isinstance(rule, bool) or not isinstance(rule, int) or not EQUAL <= rule <= AT_LEAST_BAND:
+            raise ValueError(f"rule: expected 1 (equal), 2 (at_most), 3 (at_least), 4 (tilt), 5 (equal_band), "
+                             f"6 (equal_soft), 7 (at_most_band) or 8 (at_least_band), got {rule!r}")
         _check_int("target", target, 1 if rule != TILT else -(2**31), _INT32_MAX)
         _check_int("max_new", max_new, 1, _INT32_MAX)
         _check_int("seed", seed, 0, 2**64 - 1)
@@ -183,7 +187,10 @@ def select_ref(rows: torch.Tensor, cand_ids: torch.Tensor, cand_logp: torch.Tens
     distance = (remaining - rho[:, None]).abs()
     slot_equal = torch.where(valid, distance, inf).argmin(dim=1)  # argmin: first minimum
     limit = torch.where(rho > 0, torch.clamp(rho * BAND_REL, min=BAND_ABS), 0.0)  # at the target: EOS only
-    in_band = valid & (distance <= limit[:, None])
+    budget_met = t + 1 >= target
+    reaches = torch.where(budget_met[:, None], valid, valid & ~is_eos & (remaining >= rho[:, None]))
+    in_band = valid & torch.where((rule == AT_MOST_BAND)[:, None], remaining <= rho[:, None],
+                                  torch.where((rule == AT_LEAST_BAND)[:, None], reaches, distance <= limit[:, None]))
     has_band = in_band.any(dim=1)
     band_logp = torch.where(in_band, cand_logp.float(), -inf)
     band_top = torch.where(has_band, band_logp.amax(dim=1), 0.0)
@@ -201,15 +208,17 @@ def select_ref(rows: torch.Tensor, cand_ids: torch.Tensor, cand_logp: torch.Tens
     last_in_band = torch.where(in_band, positions, -1).amax(dim=1)
     slot_band = torch.where(greedy, band_logp.argmax(dim=1),
                             torch.minimum(((band_cdf <= band_r[:, None]) & valid).sum(dim=1), last_in_band))
-    slot_band = torch.where(has_band, slot_band, slot_equal)
+    fallback = torch.where(rule == AT_MOST_BAND, slot_low_u,
+                           torch.where(rule == AT_LEAST_BAND, slot_high_u, slot_equal))
+    slot_band = torch.where(has_band, slot_band, fallback)
     slot_soft = _soft_ref(valid, cand_logp.float(), u, rho, nlg, greedy, draw, slot_equal)
-    budget_met = t + 1 >= target
     slot = torch.where(rule == EQUAL, slot_equal,
            torch.where(rule == EQUAL_SOFT, slot_soft,
-           torch.where(rule == EQUAL_BAND, slot_band,
+           torch.where((rule == EQUAL_BAND) | (rule == AT_LEAST_BAND), slot_band,
+           torch.where(rule == AT_MOST_BAND, torch.where(budget_met, first_eos, slot_band),
            torch.where(rule == AT_MOST, torch.where(budget_met, first_eos, slot_low_u),
            torch.where(rule == AT_LEAST, torch.where(budget_met, slot_low_u, slot_high_u),
-           torch.where(greedy, w.argmax(dim=1), slot_sample))))))
+           torch.where(greedy, w.argmax(dim=1), slot_sample)))))))
     chosen = slot.clamp(min=0)[:, None]
     token = torch.where(slot >= 0, cand_ids.gather(1, chosen)[:, 0], eos_ids[0])
     done = (slot < 0) | is_eos.gather(1, chosen)[:, 0] | (t + 1 >= max_new)
@@ -263,7 +272,9 @@ def _select_kernel(rows_ptr, ids_ptr, logp_ptr, z_ptr, eos_ptr,                 
     distance = tl.abs(remaining - rho)
     slot_equal = tl.argmin(tl.where(valid, distance, float("inf")), axis=0)  # first minimum
     limit = tl.where(rho > 0, tl.maximum(rho * 0.25, 2.0), 0.0)  # BAND_REL, BAND_ABS; at the target: EOS only
-    in_band = valid & (distance <= limit)
+    budget_met = t + 1 >= target
+    reaches = tl.where(budget_met, valid, valid & ~is_eos & (remaining >= rho))  # AT_LEAST_BAND
+    in_band = valid & tl.where(rule == 7, remaining <= rho, tl.where(rule == 8, reaches, distance <= limit))
     has_band = tl.max(in_band.to(tl.int32), axis=0) > 0
     band_logp = tl.where(in_band, logp, float("-inf"))
     slot_band_greedy = tl.argmax(band_logp, axis=0)
@@ -286,7 +297,8 @@ def _select_kernel(rows_ptr, ids_ptr, logp_ptr, z_ptr, eos_ptr,                 
     slot_sample = tl.minimum(tl.sum((valid & (cdf <= r)).to(tl.int32), axis=0), n - 1)
     band_r = draw * tl.max(band_cdf, axis=0)
     slot_band = tl.minimum(tl.sum((valid & (band_cdf <= band_r)).to(tl.int32), axis=0), last_in_band)
-    slot_band = tl.where(has_band, tl.where(greedy, slot_band_greedy, slot_band), slot_equal)
+    fallback = tl.where(rule == 7, slot_low_u, tl.where(rule == 8, slot_high_u, slot_equal))
+    slot_band = tl.where(has_band, tl.where(greedy, slot_band_greedy, slot_band), fallback)
 
     # EQUAL_SOFT in fp64 (select_ref.soft_lambda): exactly 20 safeguarded Newton steps in [-1e5, 1e5].
     u64 = u.to(tl.float64)
@@ -318,12 +330,12 @@ def _select_kernel(rows_ptr, ids_ptr, logp_ptr, z_ptr, eos_ptr,                 
     slot_soft = tl.minimum(tl.sum((valid & (soft_cdf <= soft_r)).to(tl.int32), axis=0), n - 1)
     slot_soft = tl.where(soft_inside, tl.where(greedy, tl.argmax(score, axis=0), slot_soft), slot_equal)
 
-    budget_met = t + 1 >= target
     slot = tl.where(greedy, slot_greedy, slot_sample)
     slot = tl.where(rule == 3, tl.where(budget_met, slot_low_u, slot_high_u), slot)
     slot = tl.where(rule == 2, tl.where(budget_met, first_eos, slot_low_u), slot)
     slot = tl.where(rule == 1, slot_equal, slot)
-    slot = tl.where(rule == 5, slot_band, slot)
+    slot = tl.where((rule == 5) | (rule == 8), slot_band, slot)
+    slot = tl.where(rule == 7, tl.where(budget_met, first_eos, slot_band), slot)
     slot = tl.where(rule == 6, slot_soft, slot)
     picked = offs == slot
     token = tl.where(slot >= 0, tl.sum(tl.where(picked, ids, 0), axis=0), tl.load(eos_ptr))

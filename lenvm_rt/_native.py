@@ -138,9 +138,10 @@ class GuidanceBatch:
               seed: int = 0, greedy: bool = False) -> None:
         """Start a request in a free slot with t = 0.
 
-        rule: "equal" | "at_most" | "at_least" | "tilt" | "equal_band" | "equal_soft" or 1-6; target >= 1
-        generated tokens including EOS (ignored by tilt); max_new >= 1; 0 < gamma < 1; |beta| <= 1e30 (tilt
-        strength); seed in [0, 2**64); greedy: tilt, equal_band and equal_soft take the argmax instead of sampling.
+        rule: a name of select_ref.RULES ("equal", "at_most", "at_least", "tilt", "equal_band", "equal_soft",
+        "at_most_band", "at_least_band") or its number 1-8; target >= 1 generated tokens including EOS (ignored by
+        tilt); max_new >= 1; 0 < gamma < 1; |beta| <= 1e30 (tilt strength); seed in [0, 2**64); greedy: tilt, the
+        band rules and equal_soft take the argmax instead of sampling.
         """
         rule_id = RULES.get(rule) if isinstance(rule, str) else rule
         if rule_id is None or isinstance(rule_id, bool) or rule_id not in RULES.values():

@@ -301,9 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--constraint", choices=["equal", "at-most", "at-least"], default=None,
                      help="how --length binds (default: equal)")
     gen.add_argument("--length-rule", choices=["strict", "band", "soft"], default=None,
-                     help="equal only: strict = closest predicted length (the paper's); band = sample by base "
-                          "probability among candidates within max(2, 25%%) tokens of the target (default); soft = "
-                          "sample from the value-tilted distribution whose expected value is the target's")
+                     help="strict = the paper's rule (equal: closest predicted length; at-most: shortest; "
+                          "at-least: longest, then shortest); band = follow the policy among the candidates the "
+                          "target allows (equal: within max(2, 25%%) tokens of it, the default; at-most: predicted "
+                          "to fit; at-least: predicted to reach it); soft (equal only) = sample from the "
+                          "value-tilted distribution whose expected value is the target's")
     gen.add_argument("--tilt", type=float, default=None, help="exponential tilt β: < 0 shorter, > 0 longer")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)

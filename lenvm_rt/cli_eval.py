@@ -44,7 +44,7 @@ def cmd_tradeoff(a: argparse.Namespace) -> int:
 
     at_most = tuple(parse_budgets(a.at_most, "--at-most")) if a.at_most else ()
     settings = TradeoffSettings(betas=tuple(parse_betas(a.betas)), budgets=tuple(parse_budgets(a.budgets)),
-                                at_most=at_most,
+                                at_most=at_most, at_most_rule=a.at_most_rule,
                                 samples=a.samples, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                                 top_p=a.top_p, min_p=a.min_p, top_k=a.top_k, batch=a.batch, seed=a.seed)
     settings.check()
@@ -117,6 +117,9 @@ def add_eval_commands(sub: Any) -> None:
     tr.add_argument("--at-most", default="",
                     help="also decode with LengthTarget.at_most(N) for each N (comma-separated), each against the "
                          "unguided run truncated at N")
+    tr.add_argument("--at-most-rule", choices=["strict", "band"], default="strict",
+                    help="rule of the --at-most rows: strict (the paper's shortest continuation) or band (the "
+                         "policy's own choice among the candidates predicted to fit)")
     tr.add_argument("--max-new-tokens", type=int, default=512, help="cap for every sample; a cut response is wrong")
     tr.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
     tr.add_argument("--top-p", type=float, default=1.0)

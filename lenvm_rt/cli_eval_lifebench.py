@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Any
 
-from .config import DEFAULT_EQUAL_RULE
+from .config import DEFAULT_BOUND_RULE, DEFAULT_EQUAL_RULE
 
 
 def cmd_lifebench(a: argparse.Namespace) -> int:
@@ -58,7 +58,8 @@ def cmd_lifebench(a: argparse.Namespace) -> int:
               gamma=a.gamma if guided else None)
     record = run_lifebench(rt, units, targets, constraints, guided, a.out, sampling=sampling,
                            max_new_tokens_factor=a.max_new_tokens_factor, batch_size=a.batch, data_path=a.data,
-                           malformed=malformed, progress=not (a.no_progress or a.json), equal_rule=a.length_rule)
+                           malformed=malformed, progress=not (a.no_progress or a.json), equal_rule=a.length_rule,
+                           bound_rule=a.bound_rule)
     if a.json:
         print(json.dumps(record, ensure_ascii=False))
     else:
@@ -90,6 +91,9 @@ def add_lifebench_command(eval_subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--length-rule", choices=["strict", "band", "soft"], default=DEFAULT_EQUAL_RULE,
                    help="Equal-To rule of guided runs: strict argmin (the paper's), the tolerance band, or soft "
                         "(the tilt that hits the target in expectation)")
+    p.add_argument("--bound-rule", choices=["strict", "band"], default=DEFAULT_BOUND_RULE,
+                   help="At-Most / At-Least rule of guided runs: strict (the paper's shortest / longest) or band "
+                        "(the policy's own choice among the candidates predicted to fit / reach the target)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None, help="also the guided candidate count (default 15)")
     p.add_argument("--top-p", type=float, default=1.0)

@@ -6,7 +6,8 @@
 
 --tradeoff repeats, one labelled run each (--tradeoff gsm8k=DIR --tradeoff arithmetic=DIR); a bare DIR is
 labelled with its folder name. --rule repeats the same way (--rule strict=DIR --rule band=DIR): guided
-LIFEBench runs compared on their Equal-To cells, against --rule-baseline (an unguided run of the same units).
+LIFEBench runs compared per constraint they ran, against the unguided run in the same folder, else against
+--rule-baseline (an unguided run of the same units).
 A source left out, or a folder without its JSON, renders as "not run"; a
 malformed JSON raises ValueError naming the file, which `lenvm-rt` prints as `error: ...` with exit status 2.
 cli.py wires it next to the other eval commands: `add_report_command(eval_sub)`.
@@ -76,7 +77,8 @@ def add_report_command(eval_sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--length-tokens", dest="length_tokens", default=None, help="folder with length_tokens.json")
     p.add_argument("--head", default=None, help="trained value-head folder with manifest.json")
     p.add_argument("--rule", action="append", default=None, metavar="LABEL=DIR",
-                   help="folder with lifebench_guided.json of one Equal-To rule (strict=DIR); repeat to compare rules")
+                   help="folder with lifebench_guided.json of one length rule or setting (strict=DIR) and, "
+                        "optionally, its unguided run; repeat to compare")
     p.add_argument("--rule-baseline", dest="rule_baseline", default=None,
                    help="folder with lifebench_unguided.json of the rule runs' units and targets")
     p.add_argument("--title", default=None, help="document title")

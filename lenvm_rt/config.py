@@ -178,9 +178,10 @@ class Sampling:
 
 
 LENGTH_CONSTRAINTS = ("equal", "at_most", "at_least")
-LENGTH_RULES = ("strict", "band", "soft")  # how Equal To picks: the paper's argmin, the tolerance band, or the
-                                           # tilt that hits the target in expectation (lenvm_rt/select_ref.py)
+LENGTH_RULES = ("strict", "band", "soft")  # how a length target picks: the paper's rule, the band, or (Equal To
+                                           # only) the tilt that hits the target in expectation (select_ref.py)
 DEFAULT_EQUAL_RULE = "band"  # chosen by measurement on LIFEBench (README, "Equal To: which rule")
+DEFAULT_BOUND_RULE = "strict"  # At Most / At Least: the paper's rules unless a row asks for "band"
 
 
 @dataclass(frozen=True)
@@ -190,14 +191,17 @@ class LengthTarget:
     `LengthTarget.equal(128)` asks for 128 tokens of text followed by EOS (129 generated tokens:
     Generation.num_tokens counts the EOS). This is the count a user reads and LIFEBench scores.
 
-    `rule` (Equal To only; None means DEFAULT_EQUAL_RULE, and "strict" for the other constraints):
-    "strict" takes the candidate whose predicted remaining length is closest to the target's (the paper's
-    argmin, EOS a candidate at every step); "band" samples by base probability among the candidates within
-    max(2, 0.25·ρ) tokens of it, and falls back to the closest when none is; "soft" (the reference's
-    `eq_soft`) samples from the base distribution exponentially tilted in value so that the expected value
-    of the chosen token equals the target's, and takes the closest when the target lies outside the
-    candidates' values (lenvm_rt/select_ref.py). Band and soft rows see no EOS before the target and EOS
-    at it, so they end where the target says whenever max_new_tokens allows.
+    `rule` (None means DEFAULT_EQUAL_RULE for Equal To and DEFAULT_BOUND_RULE for At Most / At Least):
+    "strict" is the paper's rule: Equal To takes the candidate whose predicted remaining length is closest to
+    the target's (EOS a candidate at every step), At Most the shortest, At Least the longest until the target
+    and then the shortest. "band" follows the policy (samples by base probability, or takes its argmax when
+    greedy) among the candidates the target allows: for Equal To those within max(2, 0.25·ρ) tokens of the
+    remaining target ρ, for At Most those predicted to fit it (l̂ <= ρ), for At Least those predicted to reach
+    it (l̂ >= ρ) and every candidate once it is reached; with none allowed it makes the strict choice. "soft"
+    (Equal To only; the reference's `eq_soft`) samples from the base distribution exponentially tilted in value
+    so that the expected value of the chosen token equals the target's, and takes the closest when the target
+    lies outside the candidates' values (lenvm_rt/select_ref.py). Band and soft Equal-To rows and every At Least
+    row see no EOS before the target; every length row sees EOS from its target on, and At Most ends there.
     """
 
     constraint: str
@@ -206,27 +210,27 @@ class LengthTarget:
 
     def __post_init__(self) -> None:
         if self.rule is None:
-            object.__setattr__(self, "rule", DEFAULT_EQUAL_RULE if self.constraint == "equal" else "strict")
+            object.__setattr__(self, "rule", DEFAULT_EQUAL_RULE if self.constraint == "equal" else DEFAULT_BOUND_RULE)
         _require(self.constraint in LENGTH_CONSTRAINTS,
                  f"length constraint must be one of {', '.join(LENGTH_CONSTRAINTS)}; got {self.constraint!r}")
         _require(_is_int(self.tokens) and self.tokens > 0,
                  f"length target must be a positive int number of tokens; got {self.tokens!r}")
         _require(isinstance(self.rule, str) and self.rule in LENGTH_RULES,
                  f"length rule must be one of {', '.join(LENGTH_RULES)}; got {self.rule!r}")
-        _require(self.rule == "strict" or self.constraint == "equal",
-                 f"length rule {self.rule!r} applies to the equal constraint only; got {self.constraint!r}")
+        _require(self.rule != "soft" or self.constraint == "equal",
+                 f"length rule 'soft' applies to the equal constraint only; got {self.constraint!r}")
 
     @classmethod
     def equal(cls, tokens: int, rule: str | None = None) -> LengthTarget:
         return cls("equal", tokens, rule)
 
     @classmethod
-    def at_most(cls, tokens: int) -> LengthTarget:
-        return cls("at_most", tokens)
+    def at_most(cls, tokens: int, rule: str | None = None) -> LengthTarget:
+        return cls("at_most", tokens, rule)
 
     @classmethod
-    def at_least(cls, tokens: int) -> LengthTarget:
-        return cls("at_least", tokens)
+    def at_least(cls, tokens: int, rule: str | None = None) -> LengthTarget:
+        return cls("at_least", tokens, rule)
 
     @property
     def generated_target(self) -> int:

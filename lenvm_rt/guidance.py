@@ -11,8 +11,8 @@ off), then top-p on the exclusive prefix mass of full-vocabulary probabilities, 
 the row's most probable token. Slot 0 always survives. Unfilled slots repeat slot 0's id (so the
 lookahead has a real token to run) and carry logp = -inf.
 
-EOS (EosRule): rows in `ban_eos` (At Least, and the quality-preserving Equal-To rules, before their
-target) never see an EOS candidate; rows in
+EOS (EosRule): rows in `ban_eos` (At Least by either rule, and the quality-preserving Equal-To rules, before
+their target) never see an EOS candidate; rows in
 `force_eos` (any length rule from its target on) always do: when the filters dropped EOS, it takes the
 first empty slot (else the last one) with its own log-probability, so a row can end where its target says even when the
 policy ranks EOS below its top-k (EOS reachability).
@@ -25,18 +25,19 @@ from dataclasses import dataclass
 import torch
 
 from .config import LengthTarget, Sampling
-from .select_ref import AT_LEAST, AT_MOST, EQUAL, EQUAL_BAND, EQUAL_SOFT, TILT
+from .select_ref import AT_LEAST, AT_LEAST_BAND, AT_MOST, AT_MOST_BAND, EQUAL, EQUAL_BAND, EQUAL_SOFT, TILT
 
 DEFAULT_K = 15  # LIFEBench guided settings use top-k 15 (LENVM.md §4.2)
 K_MAX = 64
-_RULES = {"equal": EQUAL, "at_most": AT_MOST, "at_least": AT_LEAST}
-_EQUAL_RULES = {"strict": EQUAL, "band": EQUAL_BAND, "soft": EQUAL_SOFT}  # LengthTarget.rule of Equal To
+_RULES = {("equal", "strict"): EQUAL, ("equal", "band"): EQUAL_BAND, ("equal", "soft"): EQUAL_SOFT,
+          ("at_most", "strict"): AT_MOST, ("at_most", "band"): AT_MOST_BAND,
+          ("at_least", "strict"): AT_LEAST, ("at_least", "band"): AT_LEAST_BAND}  # (constraint, LengthTarget.rule)
 # Rules whose rows never see EOS before their target: At Least by definition, and the tolerance band and the
 # soft Equal To, whose text should end where the target says rather than wherever every continuation looks long
 # (the paper's strict Equal To keeps EOS as a candidate at every step, value 0). For the soft rule this matters
 # most: EOS (u = 0) below u* always keeps some tilted mass, so with EOS a candidate a row stops early at any step
 # the policy likes EOS (with the oracle of tests/test_guided.py, a mean of 13 tokens for a target of 17).
-EOS_BANNED_BEFORE_TARGET = frozenset({AT_LEAST, EQUAL_BAND, EQUAL_SOFT})
+EOS_BANNED_BEFORE_TARGET = frozenset({AT_LEAST, AT_LEAST_BAND, EQUAL_BAND, EQUAL_SOFT})
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Guidance:
         if length is not None:
             if not isinstance(length, LengthTarget):
                 raise ValueError(f"length must be a LengthTarget; got {type(length).__name__}")
-            rule = _EQUAL_RULES[length.rule] if length.constraint == "equal" else _RULES[length.constraint]
+            rule = _RULES[length.constraint, length.rule]
             return Guidance(rule, length.generated_target, 0.0)
         if tilt is not None:
             if isinstance(tilt, bool) or not isinstance(tilt, (int, float)) or not abs(tilt) < float("inf"):

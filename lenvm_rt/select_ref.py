@@ -33,6 +33,12 @@ Rules (ties go to the lower slot, i.e. the more probable candidate):
             in-band argmax of logp; others draw by inverse CDF over exp(logp - max in-band logp), zero out of
             band, in slot order with the uniform of TILT (the first slot whose running sum exceeds U·total,
             else the last in-band slot). No candidate in band: EQUAL's choice. Stop rules as EQUAL.
+  AT_MOST_BAND  the quality-preserving At Most: while t + 1 < T the band is every candidate with l̂ <= ρ (it fits
+            the budget; EOS always does), chosen from as EQUAL_BAND chooses; none fits: AT_MOST's choice
+            (argmin u). At t + 1 >= T: AT_MOST's forced EOS.
+  AT_LEAST_BAND the quality-preserving At Least: while t + 1 < T the band is every non-EOS candidate with
+            l̂ >= ρ (it reaches the target); none does: AT_LEAST's choice (argmax u over non-EOS). From the
+            target on the band is every candidate: the policy's own choice among them, EOS included.
 A row is done when its token is EOS or t + 1 >= max_new.
 """
 from __future__ import annotations
@@ -42,9 +48,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-EQUAL, AT_MOST, AT_LEAST, TILT, EQUAL_BAND, EQUAL_SOFT = 1, 2, 3, 4, 5, 6
+EQUAL, AT_MOST, AT_LEAST, TILT, EQUAL_BAND, EQUAL_SOFT, AT_MOST_BAND, AT_LEAST_BAND = 1, 2, 3, 4, 5, 6, 7, 8
 RULES = {"equal": EQUAL, "at_most": AT_MOST, "at_least": AT_LEAST, "tilt": TILT, "equal_band": EQUAL_BAND,
-         "equal_soft": EQUAL_SOFT}
+         "equal_soft": EQUAL_SOFT, "at_most_band": AT_MOST_BAND, "at_least_band": AT_LEAST_BAND}
 # EQUAL_BAND's half-width max(BAND_ABS, BAND_REL·ρ) in tokens; the same constants in csrc/guidance.h and
 # kernels/select.py. Both are powers of two (or small integers), so the float32 product is exact.
 BAND_REL = 0.25
@@ -88,7 +94,7 @@ def candidate_scores(ids: np.ndarray, z: np.ndarray, gamma: float, eos: set[int]
 
 
 def band_slot(logp: np.ndarray, in_band: np.ndarray, greedy: bool, uniform: float) -> int:
-    """EQUAL_BAND among >= 1 in-band candidates: argmax logp (greedy) or an inverse-CDF draw of exp(logp)."""
+    """The band rules' choice among >= 1 in-band candidates: argmax logp (greedy) or an inverse-CDF draw."""
     masked = np.where(in_band, logp, np.float32(-np.inf)).astype(np.float32)
     if greedy:
         return int(np.argmax(masked))
@@ -173,8 +179,8 @@ def soft_slot(s: list[float], w: list[float], greedy: bool, uniform: float) -> i
 
 def select_row(ids: np.ndarray, logp: np.ndarray, z: np.ndarray, s: RowState, eos_ids: list[int],
                uniform: float) -> Choice:
-    """One row's choice; `uniform` is Philox(seed, t, stream=1), used only by sampled TILT, EQUAL_BAND and
-    EQUAL_SOFT rows."""
+    """One row's choice; `uniform` is Philox(seed, t, stream=1), used only by sampled TILT, band and EQUAL_SOFT
+    rows."""
     valid = ids >= 0
     n = int(valid.sum())
     ids, logp, z = ids[:n], logp[:n].astype(np.float32), z[:n]
@@ -193,17 +199,25 @@ def select_row(ids: np.ndarray, logp: np.ndarray, z: np.ndarray, s: RowState, eo
             tilt = soft_tilt(logp, u, soft_target(float(rho), s.gamma))
             if tilt is not None:
                 slot = soft_slot(tilt[1], tilt[2], s.greedy, uniform)
-    elif s.rule == AT_MOST:
+    elif s.rule in (AT_MOST, AT_MOST_BAND):
         if t + 1 >= T:
             eos_slots = [j for j in range(n) if int(ids[j]) in eos]
             slot = eos_slots[0] if eos_slots else -1
         else:
             slot = int(np.argmin(u))
-    elif s.rule == AT_LEAST:
+            fits = remaining <= np.float32(T - t - 1)
+            if s.rule == AT_MOST_BAND and fits.any():
+                slot = band_slot(logp, fits, s.greedy, uniform)
+    elif s.rule in (AT_LEAST, AT_LEAST_BAND):
+        non_eos = np.array([int(x) not in eos for x in ids])
         if t + 1 < T:
-            non_eos = np.array([int(x) not in eos for x in ids])
             masked = np.where(non_eos, u, np.float32(-1)) if non_eos.any() else u
             slot = int(np.argmax(masked))
+            reaches = non_eos & (remaining >= np.float32(T - t - 1))
+            if s.rule == AT_LEAST_BAND and reaches.any():
+                slot = band_slot(logp, reaches, s.greedy, uniform)
+        elif s.rule == AT_LEAST_BAND:
+            slot = band_slot(logp, np.ones(n, dtype=bool), s.greedy, uniform)
         else:
             slot = int(np.argmin(u))
     elif s.rule == TILT:

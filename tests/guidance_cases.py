@@ -21,7 +21,9 @@ from lenvm_rt import _native
 from lenvm_rt.kernels import GuidanceState, select
 from lenvm_rt.select_ref import (
     AT_LEAST,
+    AT_LEAST_BAND,
     AT_MOST,
+    AT_MOST_BAND,
     BAND_ABS,
     BAND_REL,
     EQUAL,
@@ -125,6 +127,20 @@ def soft_decision_is_robust(ids, logp, z, s: RowState, u_draw: float) -> bool:
     return True
 
 
+def band_draw_is_robust(in_band: np.ndarray, logp: np.ndarray, greedy: bool, u_draw: float) -> bool:
+    """The band rules' choice among the in-band candidates survives float error (logp float64, exact inputs)."""
+    if greedy:
+        return True  # argmax of exact logp inputs: identical everywhere
+    n = len(logp)
+    d = np.where(in_band, logp - logp[in_band].max(), 0.0)  # log p relative to the in-band maximum
+    p = np.where(in_band, np.exp(d), 0.0)
+    err_p = np.where(in_band, p * 16 * EPS * (1 + np.abs(d)) + 1e-37, 0.0)
+    cdf, err_cdf = np.cumsum(p), np.cumsum(err_p) + n * EPS * np.cumsum(p)
+    r = u_draw * cdf[-1]
+    gap = np.abs(cdf - r) > err_cdf + u_draw * err_cdf[-1] + EPS * r
+    return bool(np.all(gap | ~in_band))
+
+
 def decision_is_robust(ids, logp, z, s: RowState, u_draw: float) -> bool:
     """True when a few-ulp error in any float32 score cannot change this row's choice (float64 bounds).
 
@@ -158,20 +174,29 @@ def decision_is_robust(ids, logp, z, s: RowState, u_draw: float) -> bool:
         in_band = score <= band
         if not in_band.any():
             return separated(score, tol, int(np.argmin(score)))
-        if s.greedy:
-            return True  # argmax of exact logp inputs: identical everywhere
-        d = np.where(in_band, logp - logp[in_band].max(), 0.0)  # log p relative to the in-band maximum
-        p = np.where(in_band, np.exp(d), 0.0)
-        err_p = np.where(in_band, p * 16 * EPS * (1 + np.abs(d)) + 1e-37, 0.0)
-        cdf, err_cdf = np.cumsum(p), np.cumsum(err_p) + n * EPS * np.cumsum(p)
-        r = u_draw * cdf[-1]
-        gap = np.abs(cdf - r) > err_cdf + u_draw * err_cdf[-1] + EPS * r
-        return bool(np.all(gap | ~in_band))
-    if s.rule == AT_MOST:
-        return t + 1 >= T or separated(u, tol_u, int(np.argmin(u)))
-    if s.rule == AT_LEAST:
+        return band_draw_is_robust(in_band, logp, s.greedy, u_draw)
+    # l̂ against ρ for the At Most / At Least bands: exact at l̂ = 0 (EOS) and l̂ = inf
+    tol_r = np.where((remaining == 0) | np.isinf(remaining), 0.0, 16 * EPS * remaining)
+    rho = T - t - 1
+    clear_of_edge = bool(np.all((tol_r == 0) | (np.abs(remaining - rho) > tol_r)))
+    if s.rule in (AT_MOST, AT_MOST_BAND):
+        if t + 1 >= T:
+            return True
+        fallback = separated(u, tol_u, int(np.argmin(u)))
+        if s.rule == AT_MOST:
+            return fallback
+        fits = remaining <= rho
+        return clear_of_edge and (band_draw_is_robust(fits, logp, s.greedy, u_draw) if fits.any() else fallback)
+    if s.rule in (AT_LEAST, AT_LEAST_BAND):
+        if t + 1 >= T and s.rule == AT_LEAST_BAND:
+            return band_draw_is_robust(np.ones(n, dtype=bool), logp, s.greedy, u_draw)
         score = u if t + 1 >= T or eos.all() else np.where(eos, -1.0, u)
-        return separated(score, tol_u, int(np.argmin(score) if t + 1 >= T else np.argmax(score)))
+        fallback = separated(score, tol_u, int(np.argmin(score) if t + 1 >= T else np.argmax(score)))
+        if s.rule == AT_LEAST or t + 1 >= T:
+            return fallback
+        reaches = ~eos & (remaining >= rho)
+        return clear_of_edge and (band_draw_is_robust(reaches, logp, s.greedy, u_draw) if reaches.any()
+                                  else fallback)
     tilt = float(np.float32(s.beta)) * u
     w = logp + tilt
     tol_w = np.where(tilt == 0, 0.0, 16 * EPS * (np.abs(tilt) + np.abs(w)) + abs(s.beta) * tol_u)
@@ -196,7 +221,7 @@ def check_valid(slot: int, token: int, done: bool, ids_row: np.ndarray) -> None:
 
 
 def random_settings(rng: np.random.Generator) -> dict:
-    return dict(rule=int(rng.integers(1, 7)), target=int(rng.integers(1, 7)), max_new=int(rng.integers(1, 9)),
+    return dict(rule=int(rng.integers(1, 9)), target=int(rng.integers(1, 7)), max_new=int(rng.integers(1, 9)),
                 gamma=float(rng.choice(GAMMAS)), beta=float(rng.choice([0.0, rng.normal(0, 5), -1000.0])),
                 seed=int(rng.integers(0, 2**64, dtype=np.uint64)), greedy=bool(rng.integers(0, 2)))
 

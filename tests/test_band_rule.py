@@ -196,8 +196,8 @@ def test_api_maps_band_rule_and_the_default_rule() -> None:
 @pytest.mark.parametrize("make", [
     lambda: LengthTarget.equal(5, rule="fuzzy"),
     lambda: LengthTarget.equal(5, rule=""),
-    lambda: LengthTarget("at_most", 5, "band"),
-    lambda: LengthTarget("at_least", 5, "band"),
+    lambda: LengthTarget("at_most", 5, "soft"),
+    lambda: LengthTarget("at_least", 5, "loose"),
 ])
 def test_unknown_or_misplaced_rule_name_is_a_value_error(make) -> None:
     with pytest.raises(ValueError, match="length rule"):
@@ -224,7 +224,7 @@ def test_cli_length_rule_is_passed_through() -> None:
     with pytest.raises(ValueError, match="--length-rule needs --length"):
         length("--length-rule", "band")
     with pytest.raises(ValueError, match="length rule"):
-        length("--length", "7", "--constraint", "at-most", "--length-rule", "band")
+        length("--length", "7", "--constraint", "at-most", "--length-rule", "soft")
     with pytest.raises(SystemExit):  # argparse: an unknown choice
         length("--length", "7", "--length-rule", "loose")
 

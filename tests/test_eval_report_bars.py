@@ -1,4 +1,4 @@
-"""Quality bars and the Equal-To rule comparison of the results document, on hand-made LIFEBench summaries."""
+"""Quality bars and the length-rule comparison of the results document, on hand-made LIFEBench summaries."""
 from __future__ import annotations
 
 import json
@@ -54,26 +54,47 @@ def test_missing_runs_are_not_measured_never_met():
     assert set(v.values()) == {"not measured"} and len(v) == 6
 
 
-def record(guided: bool, res: dict, units: int = 6) -> dict:
-    return {"config": {"guided": guided, "units": units, "targets": [32, 64]}, "results": res}
+def record(guided: bool, res: dict, units: int = 6, sampling: dict | None = None) -> dict:
+    return {"config": {"guided": guided, "units": units, "targets": [32, 64],
+                       "sampling": sampling or {"temperature": 0.0, "top_k": None, "top_p": 1.0, "min_p": 0.2}},
+            "results": res}
 
 
 def test_rule_rows_carry_their_difference_to_the_unguided_baseline():
     soft = summary({"equal": 80.0}, {"equal": 0.9}, {"equal": 0.25})
-    lines = rules_section({"soft": (Path("s.json"), record(True, soft))}, (Path("u.json"), record(False, UNGUIDED)))
-    assert "| soft | 6 | 32, 64 | 80.0 | 10.0% | 0.900 | +0.400 | 25.0% | -5.0 pp |" in lines
-    assert "| unguided | 6 | 32, 64 | 30.0 | 10.0% | 0.500 | +0.000 | 30.0% | +0.0 pp |" in lines
-    no_base = rules_section({"soft": (Path("s.json"), record(True, soft))})
-    assert "| soft | 6 | 32, 64 | 80.0 | 10.0% | 0.900 | — | 25.0% | — |" in no_base
+    lines = rules_section({"soft": (Path("s.json"), record(True, soft), None)},
+                          (Path("u.json"), record(False, UNGUIDED)))
+    assert "| soft | Equal To | greedy, min-p 0.2 | 6 | 32, 64 | 80.0 | 30.0 | 10.0% | 0.900 | +0.400 | 25.0% | " \
+           "-5.0 pp |" in lines
+    no_base = rules_section({"soft": (Path("s.json"), record(True, soft), None)})
+    assert "| soft | Equal To | greedy, min-p 0.2 | 6 | 32, 64 | 80.0 | — | 10.0% | 0.900 | — | 25.0% | — |" in no_base
+
+
+def test_a_run_with_its_own_baseline_is_compared_with_it_per_constraint():
+    sampled = {"temperature": 1.0, "top_k": 15, "top_p": 0.999, "min_p": 0.0}
+    bound = summary({"at_most": 99.0, "at_least": 100.0}, {"at_most": 0.7, "at_least": 0.6},
+                    {"at_most": 0.1, "at_least": 0.2})
+    own = summary({"at_most": 50.0, "at_least": 60.0}, {"at_most": 0.65, "at_least": 0.9},
+                  {"at_most": 0.1, "at_least": 0.4})
+    lines = rules_section({"band": (Path("b.json"), record(True, bound, sampling=sampled),
+                                    (Path("o.json"), record(False, own, sampling=sampled)))},
+                          (Path("u.json"), record(False, UNGUIDED)))
+    rows = [line for line in lines if line.startswith("| band")]
+    assert rows == ["| band | At Most | T 1, top-k 15, top-p 0.999 | 6 | 32, 64 | 99.0 | 50.0 | 10.0% | 0.700 | +0.050 "
+                    "| 10.0% | +0.0 pp |",
+                    "| band | At Least | T 1, top-k 15, top-p 0.999 | 6 | 32, 64 | 100.0 | 60.0 | 10.0% | 0.600 | "
+                    "-0.300 | 20.0% | -20.0 pp |"]
 
 
 def test_rule_comparison_refuses_records_of_the_wrong_kind():
     with pytest.raises(ValueError, match="takes guided LIFEBench summaries"):
-        rules_section({"strict": (Path("x.json"), record(False, UNGUIDED))})
+        rules_section({"strict": (Path("x.json"), record(False, UNGUIDED), None)})
     with pytest.raises(ValueError, match="baseline must be an unguided"):
         rules_section({}, (Path("g.json"), record(True, UNGUIDED)))
+    with pytest.raises(ValueError, match="baseline must be an unguided"):
+        rules_section({"band": (Path("b.json"), record(True, UNGUIDED), (Path("g.json"), record(True, UNGUIDED)))})
     with pytest.raises(ValueError, match="not a LIFEBench summary"):
-        rules_section({"strict": (Path("y.json"), {"results": {}})})
+        rules_section({"strict": (Path("y.json"), {"results": {}}, None)})
 
 
 def test_report_renders_bars_and_rules_from_the_command_line(tmp_path):
@@ -87,14 +108,14 @@ def test_report_renders_bars_and_rules_from_the_command_line(tmp_path):
                          (runs["main"], "lifebench_guided.json", record(True, guided)),
                          (runs["band"], "lifebench_guided.json", record(True, guided))):
         rec["results"].update(scores={}, counts={}, malformed_lines=[])
-        rec["config"].update(sampling={})
         (d / name).write_text(json.dumps({**rec, "machine": {}, "versions": {}}))
     out = tmp_path / "RESULTS.md"
     assert run_cli(["eval", "report", "--out", str(out), "--lifebench", str(runs["main"]),
                     "--rule", f"band={runs['band']}", "--rule-baseline", str(runs["main"])]) == 0
     md = out.read_text()
     assert "### Quality bars" in md and "| quality: Equal To |" in md and "**met**" in md
-    assert "### Equal-To rules compared" in md and "| band | 6 | 32, 64 | 75.0 |" in md
+    assert "### Length rules compared" in md
+    assert "| band | Equal To | greedy, min-p 0.2 | 6 | 32, 64 | 75.0 | 30.0 |" in md
     assert "--rule band=" in md  # the command line that wrote the document
     assert run_cli(["eval", "report", "--out", str(out), "--rule", "=x"]) == 2
     with pytest.raises(ValueError, match="unknown report source"):

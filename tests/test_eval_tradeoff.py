@@ -179,6 +179,7 @@ def test_at_most_rows_stand_beside_the_unguided_run_truncated_at_the_same_length
     ({"betas": (5.0,)}, "β must be a finite number <= 0"),
     ({"budgets": (1000,)}, "budget must be an int in"),
     ({"min_p": 2.0}, "min_p"),
+    ({"at_most_rule": "soft"}, "at_most_rule must be 'strict' or 'band'"),
 ])
 def test_bad_settings_are_refused(change, message):
     with pytest.raises(ValueError, match=message):
@@ -288,6 +289,13 @@ def test_at_most_rows_end_to_end_never_exceed_their_target(models, tmp_path, cap
         lengths = [s["num_tokens"] for s in res["samples"] if s["method"] == "at_most" and s["target"] == p["target"]]
         assert len(lengths) == p["count"] == 4 and max(lengths) <= p["target"] + 1  # N tokens, then EOS
         assert p["over_target"] == 0 and p["truncated"]["budget"] == p["target"] + 1
+    band = tmp_path / "band"
+    assert run_cli(_base(models, data, band) + ["--betas", "0", "--samples", "2", "--at-most", "2",
+                                                "--at-most-rule", "band"]) == 0
+    record = json.loads((band / "tradeoff.json").read_text())
+    assert record["config"]["at_most_rule"] == "band"
+    lengths = [s["num_tokens"] for s in record["results"]["samples"] if s["method"] == "at_most"]
+    assert len(lengths) == 4 and max(lengths) <= 3
 
 
 def test_malformed_lines_are_reported_with_their_line_numbers_and_skipped(models, tmp_path, capsys):

@@ -95,7 +95,7 @@ BAD_ADMITS = [
     (dict(target=0), ValueError, "target: expected an integer >= 1"),
     (dict(target=-3), ValueError, "target"),
     (dict(rule=0), ValueError, "rule"),
-    (dict(rule=7), ValueError, "rule"),
+    (dict(rule=9), ValueError, "rule"),
     (dict(gamma=0.0), ValueError, "gamma: expected a number in \\(0, 1\\)"),
     (dict(gamma=1.0), ValueError, "gamma"),
     (dict(gamma=float("nan")), ValueError, "gamma"),

@@ -64,7 +64,7 @@ def cases(draw, max_b: int = 5, max_k: int = 12):
     batch_size, k, steps = draw(st.integers(1, max_b)), draw(st.integers(1, max_k)), draw(st.integers(1, 3))
     rows = np.array(draw(st.permutations(range(CAPACITY)))[:batch_size], np.int32)
     rule_settings = st.fixed_dictionaries(dict(
-        rule=st.integers(1, 6), target=st.integers(1, 5), max_new=st.integers(1, 6), gamma=st.sampled_from(GAMMAS),
+        rule=st.integers(1, 8), target=st.integers(1, 5), max_new=st.integers(1, 6), gamma=st.sampled_from(GAMMAS),
         beta=st.one_of(st.sampled_from([0.0, -1e4]), st.floats(-50, 50)), seed=st.integers(0, 2**64 - 1),
         greedy=st.booleans()))
     per_slot = {int(s): draw(rule_settings) for s in rows}

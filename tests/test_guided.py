@@ -1,58 +1,21 @@
-"""Length-guided decoding end to end, with a synthetic value model whose answers are known.
-
-The oracle LenVM's single layer has its output projections zeroed, so the hidden state of a
-candidate is its embedding row and the oracle can read the candidate's token id back from it. It
-predicts r(t) = ORACLE[t] tokens left after a non-EOS token t. The policy's logits get +30 on EOS so
-that EOS is always its most probable token: every candidate set contains EOS, and the rules alone
-decide when to stop.
+"""Length-guided decoding end to end, with a synthetic value model whose answers are known
+(tests/oracle_runtime.py): EOS is always the policy's most probable token, so the rules alone decide when to stop.
 """
 from __future__ import annotations
 
 import pytest
 import torch
-from checkpoints import make_checkpoint, make_value_head
+from oracle_runtime import GAMMA, ORACLE, oracle_runtime
 
 import lenvm_rt
 from lenvm_rt import LengthTarget, Sampling
 from lenvm_rt import decode as decode_module
 from lenvm_rt.value_math import logit_of_length, remaining_from_logit
-from lenvm_rt.values import ValueModel
-
-EOS = 2
-GAMMA = 0.98
-ORACLE = (torch.arange(384) * 7 % 40 + 1).double()  # r(t) in 1..40
-
-
-class OracleValues(ValueModel):
-    """z = logit_of_length(r(token)) for the token whose embedding row is x."""
-
-    def values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embed = self.trunk.w.embed.float()
-        token = torch.cdist(x.float(), embed).argmin(dim=-1)
-        z = logit_of_length(ORACLE[token], self.gamma).float()
-        return z, torch.sigmoid(z)
 
 
 @pytest.fixture(scope="module")
 def rt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("guided")
-    policy = make_checkpoint(root / "policy", "llama", seed=1)
-    value = make_checkpoint(root / "lenvm", "llama", seed=2, tied=True, layers=1)
-    make_value_head(value / "value_head.safetensors", 64, gamma=GAMMA)
-    runtime = lenvm_rt.load(policy, value_model=value, device="cpu")
-    vm = runtime.value
-    layer = vm.trunk.w.layers[0]
-    layer.o, layer.down = torch.zeros_like(layer.o), torch.zeros_like(layer.down)  # hidden = embedding
-    runtime.value = OracleValues(vm.head, vm.gamma, vm.trunk, vm.source, 1e-5)
-    policy_logits = runtime.model.logits
-    boost = torch.zeros(384)
-    boost[EOS] = 30.0
-
-    def logits_with_eos_on_top(x: torch.Tensor) -> torch.Tensor:
-        return policy_logits(x) + boost
-
-    runtime.model.logits = logits_with_eos_on_top  # EOS: the most probable token at every step
-    return runtime
+    return oracle_runtime(tmp_path_factory.mktemp("guided"), eos_on_top=True)
 
 
 GUIDED = Sampling(temperature=1.0, top_k=64, seed=5)

@@ -323,11 +323,11 @@ def test_every_controller_admits_the_soft_rule_and_rejects_the_next_number() -> 
         _native.GuidanceBatch(1, EOS).admit(0, rule="soft", target=5, max_new=10, gamma=0.9)
     core = _core.GuidanceBatch(1, EOS)
     with pytest.raises(ValueError, match="6 \\(equal_soft\\)"):
-        core.admit(0, 7, 5, 10, 0.9, 0.0, 0, False)
+        core.admit(0, 9, 5, 10, 0.9, 0.0, 0, False)
     state = GuidanceState.create(2, "cpu")
     state.admit(0, rule=EQUAL_SOFT, target=5, max_new=10, gamma=0.9)
     with pytest.raises(ValueError, match="6 \\(equal_soft\\)"):
-        state.admit(1, rule=7, target=5, max_new=10, gamma=0.9)
+        state.admit(1, rule=9, target=5, max_new=10, gamma=0.9)
 
 
 def test_cli_length_rule_soft_is_passed_through() -> None:

@@ -9,8 +9,9 @@ Sources (a directory holding the file, or the file itself):
   mre              mre.json (eval/mre.py)
   length_tokens    length_tokens.json (eval/length_tokens.py)
   head             manifest.json of a trained value head (train_head.py / train_full.py)
-  rule:LABEL       lifebench_guided.json of a run with the Equal-To rule LABEL (any number: the rule comparison)
-  rule_baseline    lifebench_unguided.json of the same units and targets as the rule runs (their ΔNLL / Δrep4)
+  rule:LABEL       lifebench_guided.json of a run labelled LABEL (any number: the length-rule comparison), compared
+                   with the lifebench_unguided.json beside it when there is one
+  rule_baseline    lifebench_unguided.json of the same units and targets as rule runs without their own
 With lifebench, a quality-bar table (eval/report_bars.py) follows the LIFEBench tables.
 Contract: every number comes from those files. A section whose source is absent says "not run"; a file that
 is not valid JSON, or lacks the keys its writer puts there, raises ValueError naming the file. The paper's
@@ -298,6 +299,12 @@ def _length_tokens(path: Path, rec: dict[str, Any], out: Path) -> list[str]:
     return lines + _png(path, "length_tokens.png", out, "Length tokens")
 
 
+def _beside(guided: Path) -> Loaded | None:
+    """The unguided LIFEBench summary in the same folder as a guided one, if there is one."""
+    path = guided.parent / "lifebench_unguided.json"
+    return (path, _load(path)) if guided.name == "lifebench_guided.json" and path.is_file() else None
+
+
 def _not_run(what: str) -> list[str]:
     return [f"not run ({what})", ""]
 
@@ -344,10 +351,13 @@ def write_results(sources: Mapping[str, Path], out: Path, *, title: str = DEFAUL
         lines += ["### Quality bars", "", "Checked on the averages above (guided against unguided, same prompts):", ""]
         lines += bars_section(*(lifebench[m][1]["results"] if m in lifebench else None
                                 for m in ("unguided", "guided")))
-    rules = {k.split(":", 1)[1]: found[k] for k in sources if k.startswith("rule:") and k in found}
+    rules = {k.split(":", 1)[1]: (*found[k], _beside(found[k][0])) for k in sources
+             if k.startswith("rule:") and k in found}
     if rules:
-        lines += ["### Equal-To rules compared", "", "Guided runs that differ only in the Equal-To rule, Equal-To "
-                  "cells of the same units and targets (LIFEBench LS averaged over targets):", ""]
+        lines += ["### Length rules compared", "", "Guided runs that differ in their length rule or sampling, on the "
+                  "units and targets listed (LIFEBench LS averaged over targets). Unguided LS, ΔNLL and Δrep4 are "
+                  "against the unguided run of the same units, targets and sampling (`lifebench_unguided.json` "
+                  "beside the guided summary, else the rule baseline):", ""]
         lines += rules_section(rules, found.get("rule_baseline"))
     lines += ["## Performance–efficiency trade-off", ""]
     tradeoffs = [k for k in sources if k.split(":", 1)[0] == "tradeoff"]

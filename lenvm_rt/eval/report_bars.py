@@ -1,15 +1,16 @@
-"""Quality bars and the Equal-To rule comparison of the results document (lenvm_rt.eval.report).
+"""Quality bars and the length-rule comparison of the results document (lenvm_rt.eval.report).
 
     lines = bars_section(unguided_results, guided_results)       # LIFEBench summary "results" dicts (or None)
-    lines = rules_section({"strict": (path, record), ...}, baseline=(path, record) | None)
+    lines = rules_section({"strict": (path, record, own_baseline | None), ...}, baseline=(path, record) | None)
 
 Bars (each checked on the recorded averages, never typed in):
   evaluation   Equal-To LS >= 65 and >= unguided + 25; At-Most LS >= 95; At-Least LS >= 95
   quality      per constraint, the policy's NLL at most +0.4 nats/token and the 4-gram repetition at most +5
                points above the unguided run of the same constraint, with LS >= 70 (Equal To) or >= 95
 A bar whose inputs are missing reads "not measured", never "met".
-Rule comparison: one row per guided LIFEBench run (label = the Equal-To rule it used), Equal-To cells only: LS,
-mean |LD|, NLL, rep4 and, against `baseline` (an unguided run of the same units and targets), ΔNLL / Δrep4.
+Rule comparison: one row per guided LIFEBench run (label = its rule or settings) and constraint it ran: its sampling,
+LS, mean |LD|, NLL, rep4 and, against its own unguided run (the same folder) or else `baseline` (an unguided run of
+the same units and targets), the unguided LS, ΔNLL and Δrep4.
 """
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..config import GREEDY_BELOW
 from .markdown import NA, delta, num, pct, table
+
+RuleRun = tuple[Path, Mapping[str, Any], "tuple[Path, Mapping[str, Any]] | None"]
 
 EQUAL_BAR, EQUAL_GAIN, BOUND_BAR = 65.0, 25.0, 95.0
 QUALITY_EQUAL_BAR, NLL_SLACK, REP_SLACK = 70.0, 0.4, 0.05
@@ -66,28 +70,58 @@ def bars_section(unguided: Mapping[str, Any] | None, guided: Mapping[str, Any] |
     return table(["bar", "needs", "measured (averages over targets)", "verdict"], rows)
 
 
-def _rule_row(label: str, rec: Mapping[str, Any], base: Mapping[str, Any] | None) -> list[str]:
+def _sampling(cfg: Mapping[str, Any]) -> str:
+    """A short label of a run's sampling settings: "greedy, min-p 0.2" or "T 1, top-k 15, top-p 0.999"."""
+    sp = cfg.get("sampling")
+    if not isinstance(sp, Mapping):
+        return NA
+    t = sp.get("temperature")
+    parts = ["greedy" if isinstance(t, (int, float)) and t < GREEDY_BELOW else f"T {t:g}" if t is not None else NA]
+    for key, name, off in (("top_k", "top-k", None), ("top_p", "top-p", 1.0), ("min_p", "min-p", 0.0)):
+        v = sp.get(key)
+        if v not in (None, off, 0):
+            parts.append(f"{name} {v:g}")
+    return ", ".join(parts)
+
+
+def _rule_rows(label: str, rec: Mapping[str, Any], base: Mapping[str, Any] | None) -> list[list[str]]:
     cfg, res = rec["config"], rec["results"]
-    nll = [_quality(base, "equal", "nll"), _quality(res, "equal", "nll")]
-    rep = [_quality(base, "equal", "repetition_rate"), _quality(res, "equal", "repetition_rate")]
-    return [label, str(cfg.get("units", NA)), ", ".join(map(str, cfg.get("targets", []))), num(_avg(res, "equal")),
-            num(_avg(res, "equal", "deviation_pct"), suffix="%"), num(nll[1], ".3f"), delta(nll, "+.3f"),
-            pct(rep[1]), delta([None if v is None else 100 * v for v in rep], "+.1f", " pp")]
+    rows = []
+    for c, name in CONSTRAINTS:
+        if _avg(res, c) is None:
+            continue
+        nll = [_quality(base, c, "nll"), _quality(res, c, "nll")]
+        rep = [_quality(base, c, "repetition_rate"), _quality(res, c, "repetition_rate")]
+        targets = ", ".join(map(str, cfg.get("targets", [])))
+        rows.append([label, name, _sampling(cfg), str(cfg.get("units", NA)), targets, num(_avg(res, c)),
+                     num(_avg(base, c)), num(_avg(res, c, "deviation_pct"), suffix="%"), num(nll[1], ".3f"),
+                     delta(nll, "+.3f"), pct(rep[1]),
+                     delta([None if v is None else 100 * v for v in rep], "+.1f", " pp")])
+    return rows
 
 
-def rules_section(runs: Mapping[str, tuple[Path, Mapping[str, Any]]],
-                  baseline: tuple[Path, Mapping[str, Any]] | None = None) -> list[str]:
-    """Equal-To cells of several guided runs, one row per rule label; ValueError on a record of the wrong kind."""
-    base = baseline[1]["results"] if baseline else None
-    for path, rec in [*runs.values(), *([baseline] if baseline else [])]:
-        if not isinstance(rec.get("config"), dict) or not isinstance(rec.get("results"), dict):
-            raise ValueError(f"{path}: not a LIFEBench summary record")
-    if baseline and baseline[1]["config"].get("guided") is not False:
-        raise ValueError(f"{baseline[0]}: the rule comparison's baseline must be an unguided LIFEBench summary")
-    for path, rec in runs.values():
-        if rec["config"].get("guided") is not True:
-            raise ValueError(f"{path}: the rule comparison takes guided LIFEBench summaries")
-    rows = [_rule_row(label, rec, base) for label, (_, rec) in runs.items()]
+def _check_kind(path: Path, rec: Mapping[str, Any], guided: bool) -> None:
+    if not isinstance(rec.get("config"), dict) or not isinstance(rec.get("results"), dict):
+        raise ValueError(f"{path}: not a LIFEBench summary record")
+    if rec["config"].get("guided") is not guided:
+        raise ValueError(f"{path}: the rule comparison takes guided LIFEBench summaries" if guided else
+                         f"{path}: the rule comparison's baseline must be an unguided LIFEBench summary")
+
+
+def rules_section(runs: Mapping[str, RuleRun], baseline: tuple[Path, Mapping[str, Any]] | None = None) -> list[str]:
+    """One row per guided run and constraint it ran; ValueError on a record of the wrong kind.
+
+    runs: label -> (path, guided record, own unguided (path, record) or None); a run without its own baseline is
+    compared with `baseline`.
+    """
     if baseline:
-        rows.append(_rule_row("unguided", baseline[1], base))
-    return table(["Equal-To rule", "units", "targets", "LS", "mean |LD|", "NLL", "ΔNLL", "rep4", "Δrep4"], rows)
+        _check_kind(*baseline, guided=False)
+    rows = []
+    for label, (path, rec, own) in runs.items():
+        _check_kind(path, rec, guided=True)
+        if own:
+            _check_kind(*own, guided=False)
+        base = (own or baseline or (None, None))[1]
+        rows += _rule_rows(label, rec, base["results"] if base else None)
+    return table(["run", "constraint", "sampling", "units", "targets", "LS", "unguided LS", "mean |LD|", "NLL",
+                  "ΔNLL", "rep4", "Δrep4"], rows)

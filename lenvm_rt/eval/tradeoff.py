@@ -14,8 +14,8 @@ Protocol (every choice is recorded in the output):
   tilting   tilt=β for each β ≤ 0 (β < 0 favours shorter continuations; β = 0 is p̃ over the candidates)
   baseline  one unguided run; for a budget B a response of more than B tokens counts as wrong and as B
             tokens (post-hoc truncation, not a budget prompt); the run itself is the B = ∞ point
-  at most   optional: LengthTarget.at_most(N) for each N of `at_most` (N response tokens, then EOS), sampled
-            with the same seeds; each row stands beside the unguided run truncated at N + 1 tokens
+  at most   optional: LengthTarget.at_most(N, at_most_rule) for each N of `at_most` (N response tokens, then EOS),
+            sampled with the same seeds; each row stands beside the unguided run truncated at N + 1 tokens
   length    generated tokens with EOS counted (the single counter, §4.5), capped at max_new_tokens
   correct   the response ended (EOS) within the cap and its answer matches the gold (answers.CONVENTION);
             a response cut at the cap counts as wrong
@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import LengthTarget, Sampling
+from ..config import DEFAULT_BOUND_RULE, LengthTarget, Sampling
 from ..quality import FIELDS as QUALITY_FIELDS
 from ..quality import generation_fields, summarize_quality
 from ..rollouts import completion_seed
@@ -82,6 +82,7 @@ class TradeoffSettings:
     betas: tuple[float, ...] = (0.0, -20.0, -50.0, -100.0, -1000.0)
     budgets: tuple[int, ...] = (64, 128, 256)
     at_most: tuple[int, ...] = ()
+    at_most_rule: str = DEFAULT_BOUND_RULE  # LengthTarget.rule of the at-most rows: "strict" or "band"
     samples: int = 8
     max_new_tokens: int = 512
     temperature: float = 1.0
@@ -110,6 +111,8 @@ class TradeoffSettings:
             if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n < self.max_new_tokens:
                 raise ValueError(f"each at-most target must be an int in [1, max_new_tokens={self.max_new_tokens}); "
                                  f"got {n!r}")
+        if self.at_most_rule not in ("strict", "band"):
+            raise ValueError(f"at_most_rule must be 'strict' or 'band'; got {self.at_most_rule!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int; got {self.seed!r}")
         self.sampling(0)
@@ -176,9 +179,11 @@ def _methods(settings: TradeoffSettings) -> list[tuple[str, float | None]]:
 
 def _config_key(runtime: Runtime, settings: TradeoffSettings) -> dict[str, Any]:
     vm = runtime.value
+    # The at-most rule is part of the key when it is not the paper's, so runs from before it was selectable resume.
+    rule = {"at_most_rule": settings.at_most_rule} if settings.at_most_rule != "strict" else {}
     return {"policy": str(runtime.directory), "value_model": str(vm.source.head_file) if vm else None,
             "gamma": runtime.gamma, "max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature,
-            "top_p": settings.top_p, "min_p": settings.min_p, "top_k": settings.top_k, "seed": settings.seed}
+            "top_p": settings.top_p, "min_p": settings.min_p, "top_k": settings.top_k, "seed": settings.seed, **rule}
 
 
 def _open_run(out: Path, key: dict[str, Any]) -> None:
@@ -224,7 +229,8 @@ def run_tradeoff(runtime: Runtime, questions: Sequence[Record], out_dir: str | o
         gens = runtime.generate_batch([q.prompt for _, _, q, _ in chunk], max_new_tokens=settings.max_new_tokens,
                                       sampling=[settings.sampling(s) for s in seeds],
                                       tilt=[b if m == "tilt" else None for m, b, _, _ in chunk],
-                                      length=[LengthTarget.at_most(int(b)) if m == "at_most" else None
+                                      length=[LengthTarget.at_most(int(b), settings.at_most_rule)
+                                              if m == "at_most" else None
                                               for m, b, _, _ in chunk])
         quality = [generation_fields(g, runtime.eos_token_ids) for g in gens]
         rows = [{"method": m, "beta": b if m == "tilt" else None, "id": q.id, "digest": _digest(q), "sample": j,
