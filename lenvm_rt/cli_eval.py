@@ -117,9 +117,9 @@ def add_eval_commands(sub: Any) -> None:
     tr.add_argument("--at-most", default="",
                     help="also decode with LengthTarget.at_most(N) for each N (comma-separated), each against the "
                          "unguided run truncated at N")
-    tr.add_argument("--at-most-rule", choices=["strict", "band"], default="strict",
+    tr.add_argument("--at-most-rule", choices=["strict", "band"], default="band",
                     help="rule of the --at-most rows: strict (the paper's shortest continuation) or band (the "
-                         "policy's own choice among the candidates predicted to fit)")
+                         "policy's own choice among the candidates predicted to fit) (default: %(default)s)")
     tr.add_argument("--max-new-tokens", type=int, default=512, help="cap for every sample; a cut response is wrong")
     tr.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
     tr.add_argument("--top-p", type=float, default=1.0)

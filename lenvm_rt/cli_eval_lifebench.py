@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Any
 
-from .config import DEFAULT_BOUND_RULE, DEFAULT_EQUAL_RULE
+from .config import DEFAULT_RULES
 
 
 def cmd_lifebench(a: argparse.Namespace) -> int:
@@ -58,8 +58,8 @@ def cmd_lifebench(a: argparse.Namespace) -> int:
               gamma=a.gamma if guided else None)
     record = run_lifebench(rt, units, targets, constraints, guided, a.out, sampling=sampling,
                            max_new_tokens_factor=a.max_new_tokens_factor, batch_size=a.batch, data_path=a.data,
-                           malformed=malformed, progress=not (a.no_progress or a.json), equal_rule=a.length_rule,
-                           bound_rule=a.bound_rule)
+                           malformed=malformed, progress=not (a.no_progress or a.json),
+                           rules={"equal": a.length_rule, "at_most": a.at_most_rule, "at_least": a.at_least_rule})
     if a.json:
         print(json.dumps(record, ensure_ascii=False))
     else:
@@ -88,12 +88,14 @@ def add_lifebench_command(eval_subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens-factor", type=float, default=2.0,
                    help="cap = ceil(F*N)+32 for equal/at-most, ceil(2F*N)+32 for at-least (default: %(default)s)")
     p.add_argument("--batch", type=int, default=8, help="prompts decoded together (default: %(default)s)")
-    p.add_argument("--length-rule", choices=["strict", "band", "soft"], default=DEFAULT_EQUAL_RULE,
+    p.add_argument("--length-rule", choices=["strict", "band", "soft"], default=DEFAULT_RULES["equal"],
                    help="Equal-To rule of guided runs: strict argmin (the paper's), the tolerance band, or soft "
-                        "(the tilt that hits the target in expectation)")
-    p.add_argument("--bound-rule", choices=["strict", "band"], default=DEFAULT_BOUND_RULE,
-                   help="At-Most / At-Least rule of guided runs: strict (the paper's shortest / longest) or band "
-                        "(the policy's own choice among the candidates predicted to fit / reach the target)")
+                        "(the tilt that hits the target in expectation) (default: %(default)s)")
+    for c in ("at_most", "at_least"):
+        p.add_argument(f"--{c.replace('_', '-')}-rule", choices=["strict", "band"], default=DEFAULT_RULES[c],
+                       help=f"{c.replace('_', '-')} rule of guided runs: strict (the paper's) or band (the policy's "
+                            "own choice among the candidates predicted to fit / reach the target) "
+                            "(default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None, help="also the guided candidate count (default 15)")
     p.add_argument("--top-p", type=float, default=1.0)

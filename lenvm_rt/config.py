@@ -180,8 +180,9 @@ class Sampling:
 LENGTH_CONSTRAINTS = ("equal", "at_most", "at_least")
 LENGTH_RULES = ("strict", "band", "soft")  # how a length target picks: the paper's rule, the band, or (Equal To
                                            # only) the tilt that hits the target in expectation (select_ref.py)
-DEFAULT_EQUAL_RULE = "band"  # chosen by measurement on LIFEBench (README, "Equal To: which rule")
-DEFAULT_BOUND_RULE = "strict"  # At Most / At Least: the paper's rules unless a row asks for "band"
+# Each constraint's rule when a LengthTarget names none, chosen by measurement on LIFEBench (README, "Which rule").
+DEFAULT_RULES = {"equal": "band", "at_most": "band", "at_least": "strict"}
+DEFAULT_EQUAL_RULE = DEFAULT_RULES["equal"]
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ class LengthTarget:
     `LengthTarget.equal(128)` asks for 128 tokens of text followed by EOS (129 generated tokens:
     Generation.num_tokens counts the EOS). This is the count a user reads and LIFEBench scores.
 
-    `rule` (None means DEFAULT_EQUAL_RULE for Equal To and DEFAULT_BOUND_RULE for At Most / At Least):
+    `rule` (None means the constraint's DEFAULT_RULES entry: band for Equal To and At Most, strict for At Least):
     "strict" is the paper's rule: Equal To takes the candidate whose predicted remaining length is closest to
     the target's (EOS a candidate at every step), At Most the shortest, At Least the longest until the target
     and then the shortest. "band" follows the policy (samples by base probability, or takes its argmax when
@@ -210,7 +211,7 @@ class LengthTarget:
 
     def __post_init__(self) -> None:
         if self.rule is None:
-            object.__setattr__(self, "rule", DEFAULT_EQUAL_RULE if self.constraint == "equal" else DEFAULT_BOUND_RULE)
+            object.__setattr__(self, "rule", DEFAULT_RULES.get(self.constraint))
         _require(self.constraint in LENGTH_CONSTRAINTS,
                  f"length constraint must be one of {', '.join(LENGTH_CONSTRAINTS)}; got {self.constraint!r}")
         _require(_is_int(self.tokens) and self.tokens > 0,

@@ -200,7 +200,8 @@ def test_api_and_cli_map_the_band_rule_of_each_constraint() -> None:
     assert RULES["at_most_band"] == AT_MOST_BAND and RULES["at_least_band"] == AT_LEAST_BAND
     assert Guidance.of(LengthTarget.at_most(12, "band"), None) == Guidance(AT_MOST_BAND, 13, 0.0)
     assert Guidance.of(LengthTarget.at_least(12, rule="band"), None) == Guidance(AT_LEAST_BAND, 13, 0.0)
-    assert Guidance.of(LengthTarget.at_most(12), None) == Guidance(AT_MOST, 13, 0.0)  # the paper's by default
+    assert Guidance.of(LengthTarget.at_most(12), None) == Guidance(AT_MOST_BAND, 13, 0.0)  # the default
+    assert Guidance.of(LengthTarget.at_least(12), None) == Guidance(AT_LEAST, 13, 0.0)  # the default: the paper's
     for make in (lambda: LengthTarget.at_most(5, "soft"), lambda: LengthTarget.at_least(5, "soft")):
         with pytest.raises(ValueError, match="'soft' applies to the equal constraint only"):
             make()
@@ -237,7 +238,7 @@ def test_greedy_rows_within_budget_decode_as_the_policy_and_strict_rows_do_not(r
     greedy = Sampling(temperature=0, top_k=15)
     plain = rt.generate_batch(PROMPTS, max_new_tokens=12, sampling=greedy)
     band = rt.generate_batch(PROMPTS, max_new_tokens=12, sampling=greedy, length=LengthTarget.at_most(60, "band"))
-    strict = rt.generate_batch(PROMPTS, max_new_tokens=12, sampling=greedy, length=LengthTarget.at_most(60))
+    strict = rt.generate_batch(PROMPTS, max_new_tokens=12, sampling=greedy, length=LengthTarget.at_most(60, "strict"))
     assert [g.token_ids for g in band] == [g.token_ids for g in plain]
     assert [g.token_ids for g in strict] != [g.token_ids for g in plain]
 

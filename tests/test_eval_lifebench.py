@@ -312,15 +312,18 @@ def test_bound_band_runs_are_recorded_and_keep_their_bounds(setup, tmp_path, tor
     policy, head, data, _ = setup
     out, strict = tmp_path / "out", tmp_path / "strict"
     assert _run(policy, data, out, "--value-model", str(head), "--constraints", "at-most,at-least",
-                "--bound-rule", "band") == 0
-    assert json.loads((out / "lifebench_guided.json").read_text())["config"]["bound_rule"] == "band"
+                "--at-least-rule", "band") == 0  # At Most: band by default
+    config = json.loads((out / "lifebench_guided.json").read_text())["config"]
+    assert config["at_most_rule"] == config["at_least_rule"] == "band"
     records = [json.loads(line) for line in (out / "lifebench_guided.jsonl").read_text().splitlines()]
     ran = [r for r in records if not r["skipped"]]
     assert ran and all(r["length"] <= r["target"] if r["constraint"] == "at_most" else
                        r["length"] >= r["target"] or r["finish_reason"] == "length" for r in ran)
-    assert _run(policy, data, out, "--value-model", str(head), "--constraints", "at-most") == 2  # strict: another run
-    assert _run(policy, data, strict, "--value-model", str(head), "--constraints", "at-most", "--targets", "4") == 0
-    assert "bound_rule" not in json.loads((strict / "lifebench_guided.json").read_text())["config"]
+    assert _run(policy, data, out, "--value-model", str(head), "--constraints", "at-most") == 2  # another run
+    assert _run(policy, data, strict, "--value-model", str(head), "--constraints", "at-most", "--targets", "4",
+                "--at-most-rule", "strict") == 0
+    config = json.loads((strict / "lifebench_guided.json").read_text())["config"]
+    assert "at_most_rule" not in config and "at_least_rule" not in config  # the paper's rules: not recorded
 
 
 def test_unknown_equal_rule_is_refused(setup, tmp_path):
@@ -331,9 +334,11 @@ def test_unknown_equal_rule_is_refused(setup, tmp_path):
     rt = lenvm_rt.load(str(policy))
     units = read_units(data)[0]
     with pytest.raises(ValueError, match="length rule"):
-        run_lifebench(rt, units, "4", "equal", False, tmp_path / "out", equal_rule="fuzzy", progress=False)
+        run_lifebench(rt, units, "4", "equal", False, tmp_path / "out", rules={"equal": "fuzzy"}, progress=False)
     with pytest.raises(ValueError, match="'soft' applies to the equal constraint only"):
-        run_lifebench(rt, units, "4", "at_most", False, tmp_path / "out", bound_rule="soft", progress=False)
+        run_lifebench(rt, units, "4", "at_most", False, tmp_path / "out", rules={"at_most": "soft"}, progress=False)
+    with pytest.raises(ValueError, match="unknown constraint 'exact'"):
+        run_lifebench(rt, units, "4", "at_most", False, tmp_path / "out", rules={"exact": "band"}, progress=False)
 
 
 def test_every_kth_unit_is_a_stratified_subset_in_id_order():

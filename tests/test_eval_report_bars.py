@@ -104,8 +104,10 @@ def test_report_renders_bars_and_rules_from_the_command_line(tmp_path):
     guided = summary({"equal": 75.0, "at_most": 97.0, "at_least": 98.0},
                      {"equal": 0.8, "at_most": 0.6, "at_least": 0.6},
                      {"equal": 0.3, "at_most": 0.3, "at_least": 0.3})
+    banded = record(True, guided)
+    banded["config"].update(equal_rule="band", at_most_rule="band")
     for d, name, rec in ((runs["main"], "lifebench_unguided.json", record(False, UNGUIDED)),
-                         (runs["main"], "lifebench_guided.json", record(True, guided)),
+                         (runs["main"], "lifebench_guided.json", banded),
                          (runs["band"], "lifebench_guided.json", record(True, guided))):
         rec["results"].update(scores={}, counts={}, malformed_lines=[])
         (d / name).write_text(json.dumps({**rec, "machine": {}, "versions": {}}))
@@ -114,7 +116,8 @@ def test_report_renders_bars_and_rules_from_the_command_line(tmp_path):
                     "--rule", f"band={runs['band']}", "--rule-baseline", str(runs["main"])]) == 0
     md = out.read_text()
     assert "### Quality bars" in md and "| quality: Equal To |" in md and "**met**" in md
-    assert "### Length rules compared" in md
+    assert "### Length rules compared" in md and "rules: Equal To band, At Most band, At Least strict, sampling" in md
+    assert "rules: Equal To strict" not in md  # the unguided line names no rule
     assert "| band | Equal To | greedy, min-p 0.2 | 6 | 32, 64 | 75.0 | 30.0 |" in md
     assert "--rule band=" in md  # the command line that wrote the document
     assert run_cli(["eval", "report", "--out", str(out), "--rule", "=x"]) == 2

@@ -69,7 +69,7 @@ def test_at_least_never_stops_early(rt, n):
 
 
 def test_at_most_never_exceeds_even_without_an_eos_candidate(rt):
-    out = rt.generate([9, 8, 7], max_new_tokens=60, sampling=GUIDED, length=LengthTarget.at_most(12))
+    out = rt.generate([9, 8, 7], max_new_tokens=60, sampling=GUIDED, length=LengthTarget.at_most(12, "strict"))
     assert out.num_tokens <= 13 and out.token_ids[-1] in rt.eos_token_ids
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bench.report import write_record
-from ..config import DEFAULT_BOUND_RULE, DEFAULT_EQUAL_RULE, LengthTarget, Sampling
+from ..config import DEFAULT_RULES, LengthTarget, Sampling
 from ..quality import generation_fields
 from .lifebench_score import (
     CONSTRAINTS,
@@ -190,13 +190,13 @@ def max_new_tokens_for(constraint: str, target: int, factor: float = 2.0) -> int
 
 
 def _settings(runtime: Any, guided: bool, sampling: Sampling, factor: float, user_prefix: str,
-              equal_rule: str, bound_rule: str) -> dict[str, Any]:
+              rules: Mapping[str, str]) -> dict[str, Any]:
     value = runtime.value if guided else None
-    # The rules matter to guided runs only; the At Most / At Least rule is recorded when it is not the paper's,
-    # so that runs from before it was selectable keep their fingerprint.
-    rule = {"equal_rule": equal_rule} if guided else {}
-    if guided and bound_rule != "strict":
-        rule["bound_rule"] = bound_rule
+    # The rules matter to guided runs only; the At Most / At Least rules are recorded when they are not the
+    # paper's (strict), so that runs from before they were selectable keep their fingerprint.
+    rule = {"equal_rule": rules["equal"]} if guided else {}
+    if guided:
+        rule.update({f"{c}_rule": rules[c] for c in ("at_most", "at_least") if rules[c] != "strict"})
     return {
         **rule,
         "model": str(Path(runtime.directory).resolve()),
@@ -267,8 +267,7 @@ def _record(unit: Unit, constraint: str, target: int, guided: bool, run: str, pr
 
 def _run_cell(runtime: Any, units: Sequence[Unit], constraint: str, target: int, *, guided: bool,
               sampling: Sampling, factor: float, batch_size: int, user_prefix: str, run: str, path: Path,
-              bar: Any, equal_rule: str = DEFAULT_EQUAL_RULE,
-              bound_rule: str = DEFAULT_BOUND_RULE) -> list[dict[str, Any]]:
+              bar: Any, rules: Mapping[str, str] = DEFAULT_RULES) -> list[dict[str, Any]]:
     """Decode one (constraint, target) cell for `units`, appending each batch's records to `path`."""
     cap = max_new_tokens_for(constraint, target, factor)
     out: list[dict[str, Any]] = []
@@ -286,7 +285,7 @@ def _run_cell(runtime: Any, units: Sequence[Unit], constraint: str, target: int,
             bar.update(1)
         else:
             by_cap.setdefault(min(cap, room), []).append((unit, ids))
-    length = LengthTarget(constraint, target, equal_rule if constraint == "equal" else bound_rule) if guided else None
+    length = LengthTarget(constraint, target, rules[constraint]) if guided else None
     for row_cap, rows in sorted(by_cap.items(), reverse=True):
         rows.sort(key=lambda row: len(row[1]))  # similar prompt lengths share a batch: little padding
         for start in range(0, len(rows), batch_size):
@@ -315,11 +314,11 @@ def run_lifebench(runtime: Any, units: Sequence[Unit | Mapping[str, Any]], targe
                   sampling: Sampling = GREEDY, max_new_tokens_factor: float = 2.0, batch_size: int = 8,
                   user_prefix: str = USER_PREFIX, data_path: str | Path | None = None,
                   malformed: Sequence[Mapping[str, Any]] = (), progress: bool = True,
-                  equal_rule: str = DEFAULT_EQUAL_RULE, bound_rule: str = DEFAULT_BOUND_RULE) -> dict[str, Any]:
+                  rules: Mapping[str, str | None] | None = None) -> dict[str, Any]:
     """Evaluate every (unit, constraint, target) cell not yet in out_dir; return the summary record.
 
-    equal_rule: the Equal-To rule of guided runs ("strict" argmin, "band" or "soft"; LengthTarget.rule).
-    bound_rule: the At-Most / At-Least rule of guided runs ("strict", the paper's, or "band").
+    rules: the rule of guided runs per constraint ("equal", "at_most", "at_least" -> "strict" | "band" | "soft",
+    LengthTarget.rule); a constraint left out or None takes its DEFAULT_RULES entry.
 
     runtime is a `lenvm_rt.Runtime` (with a value model when guided). malformed lists the data file's
     bad lines for the report. ValueError on bad arguments, before any decoding.
@@ -340,9 +339,13 @@ def run_lifebench(runtime: Any, units: Sequence[Unit | Mapping[str, Any]], targe
     if guided and runtime.value is None:
         raise ValueError("a guided LIFEBench run needs a value model (--value-model); --no-guidance runs the "
                          "baseline without one")
-    LengthTarget.equal(1, equal_rule)  # ValueError for an unknown rule, before any work
-    LengthTarget.at_most(1, bound_rule)
-    settings = _settings(runtime, guided, sampling, max_new_tokens_factor, user_prefix, equal_rule, bound_rule)
+    unknown = set(rules or {}) - set(DEFAULT_RULES)
+    if unknown:
+        raise ValueError(f"rules: unknown constraint {sorted(unknown)[0]!r}; expected {', '.join(DEFAULT_RULES)}")
+    chosen = {c: (rules or {}).get(c) or DEFAULT_RULES[c] for c in DEFAULT_RULES}
+    for c, rule in chosen.items():
+        LengthTarget(c, 1, rule)  # ValueError for an unknown or misplaced rule, before any work
+    settings = _settings(runtime, guided, sampling, max_new_tokens_factor, user_prefix, chosen)
     run = _fingerprint(settings)
     mode = MODES[0] if guided else MODES[1]
     out = Path(out_dir)
@@ -360,8 +363,7 @@ def run_lifebench(runtime: Any, units: Sequence[Unit | Mapping[str, Any]], targe
         for (c, t), group in todo.items():
             for record in _run_cell(runtime, group, c, t, guided=guided, sampling=sampling,
                                     factor=max_new_tokens_factor, batch_size=batch_size, user_prefix=user_prefix,
-                                    run=run, path=results_path, bar=bar, equal_rule=equal_rule,
-                                    bound_rule=bound_rule):
+                                    run=run, path=results_path, bar=bar, rules=chosen):
                 done[_cell_key(record)] = record
     records = [done[(u.id, c, t)] for c, t, u in cells]
     results = summarize(records, constraint_list, target_list)

@@ -130,8 +130,11 @@ def _lifebench(runs: dict[str, Loaded], out: Path) -> list[str]:
     lines = []
     for m in modes:
         c = cfg[m]
+        # Summaries record the At Most / At Least rules only when they are not the paper's (strict).
+        rules = (f"rules: Equal To {c.get('equal_rule', 'strict')}, At Most {c.get('at_most_rule', 'strict')}, "
+                 f"At Least {c.get('at_least_rule', 'strict')}, " if c.get("guided") else "")
         lines.append(f"- {m}: {c['units']} units of `{Path(str(c.get('data'))).name}`, targets {c['targets']}, "
-                     f"sampling {json.dumps(c.get('sampling'))}, "
+                     f"{rules}sampling {json.dumps(c.get('sampling'))}, "
                      f"counts {json.dumps(res[m]['counts'])}, malformed data lines {len(res[m]['malformed_lines'])}")
     lines += ["", "Length score (LS, 0–100) and mean |LD| per constraint and target, token level:", ""]
 

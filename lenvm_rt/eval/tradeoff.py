@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import DEFAULT_BOUND_RULE, LengthTarget, Sampling
+from ..config import DEFAULT_RULES, LengthTarget, Sampling
 from ..quality import FIELDS as QUALITY_FIELDS
 from ..quality import generation_fields, summarize_quality
 from ..rollouts import completion_seed
@@ -82,7 +82,7 @@ class TradeoffSettings:
     betas: tuple[float, ...] = (0.0, -20.0, -50.0, -100.0, -1000.0)
     budgets: tuple[int, ...] = (64, 128, 256)
     at_most: tuple[int, ...] = ()
-    at_most_rule: str = DEFAULT_BOUND_RULE  # LengthTarget.rule of the at-most rows: "strict" or "band"
+    at_most_rule: str = DEFAULT_RULES["at_most"]  # LengthTarget.rule of the at-most rows: "strict" or "band"
     samples: int = 8
     max_new_tokens: int = 512
     temperature: float = 1.0
