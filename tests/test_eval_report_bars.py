@@ -109,7 +109,7 @@ def test_report_renders_bars_and_rules_from_the_command_line(tmp_path):
     for d, name, rec in ((runs["main"], "lifebench_unguided.json", record(False, UNGUIDED)),
                          (runs["main"], "lifebench_guided.json", banded),
                          (runs["band"], "lifebench_guided.json", record(True, guided))):
-        rec["results"].update(scores={}, counts={}, malformed_lines=[])
+        rec["results"].update(scores={c: {} for c in rec["results"]["averages"]}, counts={}, malformed_lines=[])
         (d / name).write_text(json.dumps({**rec, "machine": {}, "versions": {}}))
     out = tmp_path / "RESULTS.md"
     assert run_cli(["eval", "report", "--out", str(out), "--lifebench", str(runs["main"]),

@@ -130,9 +130,12 @@ def _lifebench(runs: dict[str, Loaded], out: Path) -> list[str]:
     lines = []
     for m in modes:
         c = cfg[m]
-        # Summaries record the At Most / At Least rules only when they are not the paper's (strict).
-        rules = (f"rules: Equal To {c.get('equal_rule', 'strict')}, At Most {c.get('at_most_rule', 'strict')}, "
-                 f"At Least {c.get('at_least_rule', 'strict')}, " if c.get("guided") else "")
+        # The rules of the constraints the run has; summaries record the At Most / At Least rules only when they
+        # are not the paper's (strict).
+        names = {"equal": "Equal To", "at_most": "At Most", "at_least": "At Least"}
+        ran = [k for k in names if k in res[m]["scores"]]
+        rules = ("rules: " + ", ".join(f"{names[k]} {c.get(k + '_rule', 'strict')}" for k in ran) + ", "
+                 if c.get("guided") and ran else "")
         lines.append(f"- {m}: {c['units']} units of `{Path(str(c.get('data'))).name}`, targets {c['targets']}, "
                      f"{rules}sampling {json.dumps(c.get('sampling'))}, "
                      f"counts {json.dumps(res[m]['counts'])}, malformed data lines {len(res[m]['malformed_lines'])}")
