@@ -179,8 +179,9 @@ def _methods(settings: TradeoffSettings) -> list[tuple[str, float | None]]:
 
 def _config_key(runtime: Runtime, settings: TradeoffSettings) -> dict[str, Any]:
     vm = runtime.value
-    # The at-most rule is part of the key when it is not the paper's, so runs from before it was selectable resume.
-    rule = {"at_most_rule": settings.at_most_rule} if settings.at_most_rule != "strict" else {}
+    # The at-most rule is part of the key when at-most rows run with a rule other than the paper's, so runs from
+    # before it was selectable resume.
+    rule = {"at_most_rule": settings.at_most_rule} if settings.at_most and settings.at_most_rule != "strict" else {}
     return {"policy": str(runtime.directory), "value_model": str(vm.source.head_file) if vm else None,
             "gamma": runtime.gamma, "max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature,
             "top_p": settings.top_p, "min_p": settings.min_p, "top_k": settings.top_k, "seed": settings.seed, **rule}
