@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -259,6 +260,36 @@ def run_differential(rng: np.random.Generator, steps: int, max_b: int, max_k: in
         for slot, s in ref.items():
             assert batch.generated(slot) == s.generated
             assert all(int(state.generated[slot]) == s.generated for state in states.values())
+    return compared, total
+
+
+def compare_three_ways(rng: np.random.Generator, devices: dict[str, str], rounds: int, steps: int,
+                       settings: Callable[[np.random.Generator, float], dict],
+                       case: Callable[[np.random.Generator, int, int, np.ndarray, float], tuple]) -> tuple[int, int]:
+    """Rounds of 1-5 rows of one γ, `settings(rng, γ)` per row, `steps` steps of `case(rng, B, K, T - t, γ)`
+    candidates: the C++ core and each `select` backend in `devices` make the specification's choice on every
+    row whose decision is robust, and a valid one on the rest. Returns (rows compared exactly, rows)."""
+    compared = total = 0
+    for _ in range(rounds):
+        rows = rng.choice(CAPACITY, int(rng.integers(1, 6)), replace=False).astype(np.int32)
+        gamma = float(rng.choice(GAMMAS))
+        batch, ref, states = admit_all({int(r): settings(rng, gamma) for r in rows}, devices)
+        for _ in range(steps):
+            left = np.array([ref[int(r)].target - ref[int(r)].generated for r in rows])
+            ids, logp, z = case(rng, len(rows), int(rng.integers(1, 13)), left, gamma)
+            outputs = [core_step(batch, rows, ids, logp, z)]
+            outputs += [select_step(state, backend, rows, ids, logp, z) for backend, state in states.items()]
+            for b, choice in enumerate(ref_step(ref, rows, ids, logp, z)):
+                s = ref[int(rows[b])]
+                robust = decision_is_robust(ids[b], logp[b], z[b], s, uniform(s.seed, s.generated))
+                total += 1
+                compared += robust
+                for slot, token, done in outputs:
+                    check_valid(int(slot[b]), int(token[b]), bool(done[b]), ids[b])
+                    if robust:
+                        got = (int(slot[b]), int(token[b]), bool(done[b]))
+                        assert got == (choice.slot, choice.token, choice.done), (s, ids[b], logp[b], z[b])
+                s.generated += 1
     return compared, total
 
 

@@ -18,12 +18,10 @@ from guidance_cases import (
     EOS,
     GAMMAS,
     admit_all,
-    check_valid,
+    compare_three_ways,
     core_step,
-    decision_is_robust,
     quiet_float_errors,  # noqa: F401  (an autouse fixture)
     ref_step,
-    select_step,
     uniform,
 )
 from oracle_runtime import EOS as ORACLE_EOS
@@ -158,39 +156,25 @@ def test_at_most_draws_follow_the_renormalised_base_probabilities_of_the_fitting
     assert np.all(np.abs(counts / n - expected) <= 5 * np.sqrt(expected * (1 - expected) / n)), counts / n
 
 
-def compare_three_ways(rng: np.random.Generator, devices: dict[str, str], rounds: int, steps: int) -> tuple[int, int]:
-    compared = total = 0
-    for _ in range(rounds):
-        rows = rng.choice(CAPACITY, int(rng.integers(1, 6)), replace=False).astype(np.int32)
-        gamma = float(rng.choice(GAMMAS))
-        per_slot = {int(r): bound_settings(rng) | dict(gamma=gamma) for r in rows}
-        batch, ref, states = admit_all(per_slot, devices)
-        for _ in range(steps):
-            rho = np.array([max(ref[int(r)].target - ref[int(r)].generated - 1, 1) for r in rows], np.float64)
-            ids, logp, z = straddling_case(rng, len(rows), int(rng.integers(1, 13)), rho, gamma)
-            outputs = [core_step(batch, rows, ids, logp, z)]
-            outputs += [select_step(state, backend, rows, ids, logp, z) for backend, state in states.items()]
-            for b, choice in enumerate(ref_step(ref, rows, ids, logp, z)):
-                s = ref[int(rows[b])]
-                robust = decision_is_robust(ids[b], logp[b], z[b], s, uniform(s.seed, s.generated))
-                total += 1
-                compared += robust
-                for slot, token, done in outputs:
-                    check_valid(int(slot[b]), int(token[b]), bool(done[b]), ids[b])
-                    if robust:
-                        assert (int(slot[b]), int(token[b]), bool(done[b])) == (choice.slot, choice.token, choice.done)
-                s.generated += 1
-    return compared, total
+def bound_settings_of(rng: np.random.Generator, gamma: float) -> dict:
+    return bound_settings(rng) | dict(gamma=gamma)
+
+
+def straddling_case_left(rng: np.random.Generator, batch: int, k: int, left: np.ndarray, gamma: float):
+    """straddling_case around ρ = max(T - t - 1, 1)."""
+    return straddling_case(rng, batch, k, np.maximum(left - 1, 1).astype(np.float64), gamma)
 
 
 def test_core_and_torch_reference_match_specification() -> None:
-    compared, total = compare_three_ways(np.random.default_rng(9), {"torch": "cpu"}, rounds=80, steps=4)
+    compared, total = compare_three_ways(np.random.default_rng(9), {"torch": "cpu"}, 80, 4, bound_settings_of,
+                                         straddling_case_left)
     assert compared >= 0.95 * total, (compared, total)
 
 
 @pytest.mark.interpret
 def test_kernel_matches_core_and_specification(kernel_device) -> None:
-    compared, total = compare_three_ways(np.random.default_rng(10), {"triton": kernel_device}, rounds=6, steps=3)
+    compared, total = compare_three_ways(np.random.default_rng(10), {"triton": kernel_device}, 6, 3, bound_settings_of,
+                                         straddling_case_left)
     assert compared >= 0.9 * total, (compared, total)
 
 

@@ -20,13 +20,11 @@ from guidance_cases import (
     EOS,
     GAMMAS,
     admit_all,
-    check_valid,
+    compare_three_ways,
     core_step,
-    decision_is_robust,
     quiet_float_errors,  # noqa: F401  (an autouse fixture)
     ref_step,
     select_step,
-    uniform,
 )
 
 from lenvm_rt import _core, _native
@@ -231,34 +229,14 @@ def test_draw_frequencies_match_the_tilted_distribution() -> None:
 # --- the implementations agree ----------------------------------------------------------------------------------
 
 
-def compare_three_ways(rng: np.random.Generator, devices: dict[str, str], rounds: int, steps: int) -> tuple[int, int]:
-    compared = total = 0
-    for _ in range(rounds):
-        rows = rng.choice(CAPACITY, int(rng.integers(1, 6)), replace=False).astype(np.int32)
-        gamma = float(rng.choice(GAMMAS))
-        per_slot = {int(r): soft_settings(rng, gamma) for r in rows}
-        batch, ref, states = admit_all(per_slot, devices)
-        for _ in range(steps):
-            rho = np.array([max(ref[int(r)].target - ref[int(r)].generated - 1, 0) for r in rows], np.float64)
-            ids, logp, z = soft_case(rng, len(rows), int(rng.integers(1, 13)), rho, gamma)
-            outputs = [core_step(batch, rows, ids, logp, z)]
-            outputs += [select_step(state, backend, rows, ids, logp, z) for backend, state in states.items()]
-            for b, choice in enumerate(ref_step(ref, rows, ids, logp, z)):
-                s = ref[int(rows[b])]
-                robust = decision_is_robust(ids[b], logp[b], z[b], s, uniform(s.seed, s.generated))
-                total += 1
-                compared += robust
-                for slot, token, done in outputs:
-                    check_valid(int(slot[b]), int(token[b]), bool(done[b]), ids[b])
-                    if robust:
-                        got = (int(slot[b]), int(token[b]), bool(done[b]))
-                        assert got == (choice.slot, choice.token, choice.done), (s, ids[b], logp[b], z[b])
-                s.generated += 1
-    return compared, total
+def soft_case_left(rng: np.random.Generator, batch: int, k: int, left: np.ndarray, gamma: float):
+    """soft_case around ρ = max(T - t - 1, 0)."""
+    return soft_case(rng, batch, k, np.maximum(left - 1, 0).astype(np.float64), gamma)
 
 
 def test_core_and_torch_reference_match_specification_on_soft_rows() -> None:
-    compared, total = compare_three_ways(np.random.default_rng(15), {"torch": "cpu"}, rounds=80, steps=4)
+    compared, total = compare_three_ways(np.random.default_rng(15), {"torch": "cpu"}, 80, 4, soft_settings,
+                                         soft_case_left)
     assert compared >= 0.95 * total, (compared, total)
 
 
@@ -280,7 +258,8 @@ def test_core_matches_specification_bit_for_bit_on_soft_rows() -> None:
 
 @pytest.mark.interpret
 def test_kernel_matches_core_and_specification_on_soft_rows(kernel_device) -> None:
-    compared, total = compare_three_ways(np.random.default_rng(17), {"triton": kernel_device}, rounds=6, steps=3)
+    compared, total = compare_three_ways(np.random.default_rng(17), {"triton": kernel_device}, 6, 3, soft_settings,
+                                         soft_case_left)
     assert compared >= 0.9 * total, (compared, total)
 
 
