@@ -47,11 +47,12 @@ bool less(float a, float b) { return a < b; }
 bool greater(float a, float b) { return a > b; }
 
 // The band rules' choice among the candidates where `in_band` holds (select_ref.band_slot): the first in-band
-// argmax of logp when greedy, else the inverse CDF over p = exp(logp - max in-band logp), 0 outside the band, with
-// `uniform` (the last in-band slot when no running sum exceeds U·total). -1 when no candidate is in band.
-// Membership is recomputed (same operations, same bits) rather than stored: no per-step buffer.
+// argmax of logp when the row is greedy, else the inverse CDF over p = exp(logp - max in-band logp), 0 outside the
+// band, with the row's guidance uniform (the last in-band slot when no running sum exceeds U·total). -1 when no
+// candidate is in band. Membership is recomputed (same operations, same bits) rather than stored: no per-step
+// buffer.
 template <class InBand>
-std::int64_t band_choice(const float* logp, std::int64_t n, InBand in_band, bool greedy, float uniform) {
+std::int64_t band_choice(const GuidanceRow& row, const float* logp, std::int64_t n, InBand in_band) {
     std::int64_t top = -1;
     std::int64_t last = -1;
     for (std::int64_t j = 0; j < n; ++j) {
@@ -59,12 +60,12 @@ std::int64_t band_choice(const float* logp, std::int64_t n, InBand in_band, bool
         if (top < 0 || logp[j] > logp[top]) top = j;
         last = j;
     }
-    if (top < 0 || greedy) return top;
+    if (top < 0 || row.greedy) return top;
     float total = 0.0f;
     for (std::int64_t j = 0; j < n; ++j) {
         if (in_band(j)) total += std::exp(logp[j] - logp[top]);
     }
-    const float r = uniform * total;
+    const float r = rng::uniform(row.seed, static_cast<std::uint32_t>(row.generated), kGuidanceStream) * total;
     float cdf = 0.0f;
     for (std::int64_t j = 0; j < n; ++j) {
         if (!in_band(j)) continue;
@@ -214,11 +215,7 @@ std::int64_t GuidanceBatch::equal_slot(const GuidanceRow& row, const std::int32_
     const float band = rho > 0.0f ? std::max(kBandAbs, kBandRel * rho) : 0.0f;  // at the target: EOS only
     // The closest candidate is in band whenever any is; otherwise EQUAL_BAND makes EQUAL's choice.
     if (row.rule == kEqual || !(distance(closest) <= band)) return closest;
-    return band_choice(logp, n, [&](std::int64_t j) { return distance(j) <= band; }, row.greedy, draw(row));
-}
-
-float GuidanceBatch::draw(const GuidanceRow& row) {
-    return rng::uniform(row.seed, static_cast<std::uint32_t>(row.generated), kGuidanceStream);
+    return band_choice(row, logp, n, [&](std::int64_t j) { return distance(j) <= band; });
 }
 
 std::int64_t GuidanceBatch::soft_slot(const GuidanceRow& row, const std::int32_t* ids, const float* logp,
@@ -328,8 +325,8 @@ Choice GuidanceBatch::select(const GuidanceRow& row, const std::int32_t* ids, co
                 slot = best_slot(n, u, less);
                 if (row.rule == kAtMostBand) {
                     const auto rho = static_cast<float>(row.target - t - 1);  // > 0 here
-                    const std::int64_t fit = band_choice(
-                        logp, n, [&](std::int64_t j) { return remaining(j) <= rho; }, row.greedy, draw(row));
+                    const std::int64_t fit =
+                        band_choice(row, logp, n, [&](std::int64_t j) { return remaining(j) <= rho; });
                     if (fit >= 0) slot = fit;
                 }
             }
@@ -338,7 +335,7 @@ Choice GuidanceBatch::select(const GuidanceRow& row, const std::int32_t* ids, co
         case kAtLeastBand:
             if (budget_met) {
                 slot = row.rule == kAtLeastBand
-                           ? band_choice(logp, n, [](std::int64_t) { return true; }, row.greedy, draw(row))
+                           ? band_choice(row, logp, n, [](std::int64_t) { return true; })
                            : best_slot(n, u, less);
             } else {
                 // EOS scores -1, below every u in [0, 1]; a row of only EOS candidates takes slot 0, like the
@@ -348,8 +345,7 @@ Choice GuidanceBatch::select(const GuidanceRow& row, const std::int32_t* ids, co
                 if (row.rule == kAtLeastBand) {
                     const auto rho = static_cast<float>(row.target - t - 1);
                     const std::int64_t reach = band_choice(
-                        logp, n, [&](std::int64_t j) { return !is_eos(ids[j]) && remaining(j) >= rho; }, row.greedy,
-                        draw(row));
+                        row, logp, n, [&](std::int64_t j) { return !is_eos(ids[j]) && remaining(j) >= rho; });
                     if (reach >= 0) slot = reach;
                 }
             }

@@ -118,7 +118,6 @@ private:
                            std::int64_t n, std::int64_t closest) const;
     std::int64_t tilt_slot(const GuidanceRow& row, const std::int32_t* ids, const float* logp, const float* z,
                            std::int64_t n) const;
-    static float draw(const GuidanceRow& row);  // the row's guidance uniform at its step
 
     std::vector<GuidanceRow> rows_;     // [C]
     std::vector<std::uint64_t> seen_;   // [C] step stamp of the last step that named the slot (duplicate check)
