@@ -341,6 +341,14 @@ PYBIND11_MODULE(_core, m) {
           "Set the default pool's thread count (calling thread included), n in [1, 1024].");
     m.def("get_num_threads", [] { return lenvm::default_pool().num_threads(); },
           "Thread count of the default pool: set_num_threads, else LENVM_RT_NUM_THREADS, else min(cores, 8).");
+    m.def("pool_self_check",
+          [](int num_threads, std::int64_t jobs, std::int64_t max_tasks) {
+              std::int64_t faulty = 0;
+              without_gil([&] { faulty = lenvm::pool_self_check(num_threads, jobs, max_tasks); });
+              return faulty;
+          },
+          py::arg("num_threads"), py::arg("jobs"), py::arg("max_tasks"),
+          "Run `jobs` jobs of 1..max_tasks tasks on a private pool; return how many ran a task other than once.");
     m.def("linear_kernel", [] { return std::string(lenvm::linear_kernel_name()); },
           "Kernel used by linear() in this process: 'avx2_fma' or 'scalar' (LENVM_RT_LINEAR_KERNEL=scalar forces it).");
 

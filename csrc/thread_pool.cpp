@@ -1,11 +1,16 @@
 // Persistent thread pool; contract in thread_pool.h.
 //
-// Protocol: run() stores the task, the task count and a zero completion count, then publishes a new
-// generation in `job` (release, under wake_mutex so that a worker going to sleep cannot miss it) and wakes
-// sleepers. Every thread claims task indices with a compare-exchange on `job` that also checks the
-// generation, so a late worker can never claim a task of a newer job. The job cannot change while any
-// of its tasks is claimed but not completed, which keeps `task` valid for the claimer. run() returns once
-// `completed` reaches the task count; workers that wake up later find nothing left to claim.
+// Protocol: run() first closes the previous job by publishing a fresh generation whose next index is
+// kClosed (no task can be claimed under it), then stores the task, the task count (release) and a zero
+// completion count, then opens the job under another fresh generation with index 0 (release, under
+// wake_mutex so that a worker going to sleep cannot miss it) and wakes sleepers. Every thread claims task
+// indices with a compare-exchange on `job` that also checks the generation, and bounds them by the task
+// count it read (acquire) after its generation. A worker that read a finished job's generation and then
+// the new task count therefore sees at least the closed word, never the finished job's word, so it can
+// never claim an index of the finished job beyond that job's count (without the close it could, run a
+// phantom task and count it as completed). The job cannot change while any of its tasks is claimed but not
+// completed, which keeps `task` valid for the claimer. run() returns once `completed` reaches the task
+// count; workers that wake up later find nothing left to claim.
 #include "thread_pool.h"
 
 #include <pthread.h>
@@ -32,6 +37,7 @@ constexpr int kCallerSpinsBeforeYield = 4096;
 constexpr int kMaxThreads = 1024;
 constexpr int kMaxDefaultThreads = 8;
 constexpr std::int64_t kMaxTasks = std::int64_t{1} << 31;
+constexpr std::uint64_t kClosed = 0xFFFFFFFFu;  // next-index field of a closed job: above any task count
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -106,7 +112,7 @@ void ThreadPool::after_fork_in_child() {
 }
 
 void ThreadPool::claim_and_run(Shared& shared, std::uint32_t generation) {
-    const std::int64_t n_tasks = shared.n_tasks.load(std::memory_order_relaxed);
+    const std::int64_t n_tasks = shared.n_tasks.load(std::memory_order_acquire);
     std::uint64_t job = shared.job.load(std::memory_order_acquire);
     while (generation_of(job) == generation && index_of(job) < n_tasks) {
         if (!shared.job.compare_exchange_weak(job, job + 1, std::memory_order_acq_rel,
@@ -161,10 +167,12 @@ void ThreadPool::run(std::int64_t n_tasks, const Task& task) {
         return;
     }
     Shared& shared = *shared_;
+    const std::uint32_t closed = generation_of(shared.job.load(std::memory_order_relaxed)) + 1;
+    shared.job.store((std::uint64_t{closed} << 32) | kClosed, std::memory_order_release);
     shared.task.store(&task, std::memory_order_relaxed);
-    shared.n_tasks.store(n_tasks, std::memory_order_relaxed);
+    shared.n_tasks.store(n_tasks, std::memory_order_release);
     shared.completed.store(0, std::memory_order_relaxed);
-    const std::uint32_t generation = generation_of(shared.job.load(std::memory_order_relaxed)) + 1;
+    const std::uint32_t generation = closed + 1;
     {
         std::lock_guard<std::mutex> wake_lock(shared.wake_mutex);
         shared.job.store(std::uint64_t{generation} << 32, std::memory_order_release);
@@ -230,6 +238,33 @@ ThreadPool& default_pool() {
     }();
     static const DefaultPoolCloser closer;
     return *pool;
+}
+
+std::int64_t pool_self_check(int num_threads, std::int64_t jobs, std::int64_t max_tasks) {
+    check(jobs >= 0, "jobs", "a non-negative count", jobs);
+    check(max_tasks >= 1 && max_tasks <= 4096, "max_tasks", "an integer in [1, 4096]", max_tasks);
+    ThreadPool pool(num_threads);
+    // Every slot past a job's task count must stay untouched: a claim beyond the job shows up there.
+    std::vector<std::atomic<int>> runs(static_cast<std::size_t>(max_tasks) * 2);
+    std::uint64_t state = 0x9E3779B97F4A7C15ull;
+    std::int64_t faulty = 0;
+    for (std::int64_t job = 0; job < jobs; ++job) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        const std::int64_t n_tasks = 1 + static_cast<std::int64_t>(state % static_cast<std::uint64_t>(max_tasks));
+        for (auto& slot : runs) slot.store(0, std::memory_order_relaxed);
+        pool.run(n_tasks, [&](std::int64_t task) {
+            const std::size_t slot = std::min<std::size_t>(static_cast<std::size_t>(task), runs.size() - 1);
+            runs[slot].fetch_add(1, std::memory_order_relaxed);
+        });
+        bool ok = true;
+        for (std::size_t i = 0; i < runs.size(); ++i) {
+            ok = ok && runs[i].load(std::memory_order_relaxed) == (static_cast<std::int64_t>(i) < n_tasks ? 1 : 0);
+        }
+        faulty += ok ? 0 : 1;
+    }
+    return faulty;
 }
 
 }  // namespace lenvm

@@ -92,4 +92,11 @@ int default_num_threads();
 
 ThreadPool& default_pool();
 
+// Self-check of the run() protocol: `jobs` back-to-back run() calls on a private pool of `num_threads`
+// threads, with task counts drawn from [1, max_tasks] so that consecutive jobs differ. Each task records its
+// index; a job is faulty when an index ran other than once or an index outside the job ran. Returns the
+// number of faulty jobs (0 for a correct pool). Meant for tests: oversubscribed threads make the scheduler
+// preempt workers at every point of the protocol.
+std::int64_t pool_self_check(int num_threads, std::int64_t jobs, std::int64_t max_tasks);
+
 }  // namespace lenvm
