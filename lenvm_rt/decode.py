@@ -183,7 +183,7 @@ def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], sampli
             # unguided rows: exactly their plain-decoding draw (skipped when every row is guided)
             plain = chooser(logits, [step] * B) if len(guided) < B else torch.zeros(B, dtype=torch.long, device=dev)
             ban, force = eos_rule.masks(step)
-            cand, logp, filled = build_candidates(logits, settings, ban, force)  # [B, K]
+            cand, logp, filled = build_candidates(logits, settings, ban, force, eos_rule.ending(step))  # [B, K]
             width = live_width(filled, guided_mask)
             cand, logp = cand[:, :width], logp[:, :width]
             cand = torch.where(unguided.view(-1, 1), plain.view(-1, 1), cand)

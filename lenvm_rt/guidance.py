@@ -16,16 +16,36 @@ their target) never see an EOS candidate; rows in
 `force_eos` (any length rule from its target on) always do: when the filters dropped EOS, it takes the
 first empty slot (else the last one) with its own log-probability, so a row can end where its target says even when the
 policy ranks EOS below its top-k (EOS reachability).
+
+Ending window (the band rules of At Most and At Least): a text that must end by a limit ends best where the policy
+itself would accept an end, not at the limit, where EOS mid-sentence costs the policy 15-35 nats. W = max(BAND_ABS,
+BAND_REL·N) tokens for a target of N tokens (T = N + 1). An At Most band row is in its window while N - W < t + 1 < T
+(t tokens generated), an At Least band row while T <= t + 1 < T + W; at t + 1 = T + W the At Least band row must end.
+A row in its window whose policy gives EOS (full vocabulary, the row's temperature, summed over the EOS ids) a
+probability >= END_P, and a row that must end, gets the single candidate EOS (its most probable id), which every rule
+takes. Rows of all other rules never see the window.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .config import LengthTarget, Sampling
-from .select_ref import AT_LEAST, AT_LEAST_BAND, AT_MOST, AT_MOST_BAND, EQUAL, EQUAL_BAND, EQUAL_SOFT, TILT
+from .select_ref import (
+    AT_LEAST,
+    AT_LEAST_BAND,
+    AT_MOST,
+    AT_MOST_BAND,
+    BAND_ABS,
+    BAND_REL,
+    EQUAL,
+    EQUAL_BAND,
+    EQUAL_SOFT,
+    TILT,
+)
 
 DEFAULT_K = 15  # LIFEBench guided settings use top-k 15 (LENVM.md §4.2)
 K_MAX = 64
@@ -38,6 +58,13 @@ _RULES = {("equal", "strict"): EQUAL, ("equal", "band"): EQUAL_BAND, ("equal", "
 # most: EOS (u = 0) below u* always keeps some tilted mass, so with EOS a candidate a row stops early at any step
 # the policy likes EOS (with the oracle of tests/test_guided.py, a mean of 13 tokens for a target of 17).
 EOS_BANNED_BEFORE_TARGET = frozenset({AT_LEAST, AT_LEAST_BAND, EQUAL_BAND, EQUAL_SOFT})
+# The ending window (module docstring): EOS this likely under the policy ends a band row inside its window.
+END_P = 1e-4
+
+
+def ending_window(target: int) -> int:
+    """W: tokens of the ending window for a target of T generated tokens (N = T - 1 response tokens)."""
+    return max(int(BAND_ABS), math.ceil(BAND_REL * (target - 1)))
 
 
 @dataclass(frozen=True)
@@ -94,7 +121,8 @@ class CandidateSettings:
 
 
 class EosRule:
-    """Which guided rows must not, and which must, see EOS among their candidates at a step."""
+    """Which guided rows must not, and which must, see EOS among their candidates at a step, and which are in their
+    ending window or must end (module docstring)."""
 
     def __init__(self, guidances: Sequence[Guidance | None], device: torch.device) -> None:
         never = 2**62
@@ -105,18 +133,39 @@ class EosRule:
         self.banning = torch.tensor(banning, device=device)
         self.any_length = any(length_rows)
         self.any_banning = any(banning)
+        # [start, stop) of each row's ending window in generated tokens (t + 1), and the count that must end
+        start, stop, end = [never] * len(guidances), [never] * len(guidances), [never] * len(guidances)
+        for b, g in enumerate(guidances):
+            if g is not None and g.rule == AT_MOST_BAND:
+                start[b], stop[b] = g.target - 1 - ending_window(g.target) + 1, g.target
+            elif g is not None and g.rule == AT_LEAST_BAND:
+                start[b] = g.target
+                stop[b] = end[b] = g.target + ending_window(g.target)
+        self.any_window = any(x != never for x in start)
+        self.window_start = torch.tensor(start, device=device)
+        self.window_stop = torch.tensor(stop, device=device)
+        self.must_end_at = torch.tensor(end, device=device)
 
-    def masks(self, step: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def masks(self, step: int | torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(ban[B], force[B]) for the token drawn at 0-based `step`, i.e. the (step + 1)-th generated."""
         if not self.any_length:
             return None, None
         before = step + 1 < self.target
         return (self.banning & before) if self.any_banning else None, ~before
 
+    def ending(self, step: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(in_window[B], must_end[B]) for the token drawn at 0-based `step`; None when no row has a window."""
+        if not self.any_window:
+            return None
+        count = step + 1
+        return (count >= self.window_start) & (count < self.window_stop), count >= self.must_end_at
+
 
 def build_candidates(logits: torch.Tensor, cfg: CandidateSettings, ban_eos: torch.Tensor | None,
-                     force_eos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits[B, V] fp32 -> (ids[B, K] int64, logp[B, K] fp32, filled[B, K] bool)."""
+                     force_eos: torch.Tensor | None = None,
+                     ending: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits[B, V] fp32 -> (ids[B, K] int64, logp[B, K] fp32, filled[B, K] bool); `ending` from EosRule.ending."""
     scaled = logits * cfg.inv_temperature
     if ban_eos is not None:
         banned = torch.zeros_like(scaled, dtype=torch.bool)
@@ -141,4 +190,16 @@ def build_candidates(logits: torch.Tensor, cfg: CandidateSettings, ban_eos: torc
         ids[rows, slot] = torch.where(add, eos, ids[rows, slot])
         logp[rows, slot] = torch.where(add, full[:, eos[0]], logp[rows, slot])
         filled[rows, slot] |= add
+    if ending is not None:
+        in_window, must_end = ending
+        eos_logp = full[:, cfg.eos_ids]  # [B, E]
+        likely = torch.logsumexp(eos_logp, dim=-1) >= math.log(END_P)
+        end = must_end | (in_window & likely)  # [B]
+        best = eos_logp.argmax(dim=-1)  # the most probable EOS id of each row
+        end_id, end_logp = cfg.eos_ids[best], eos_logp.gather(1, best.view(-1, 1)).squeeze(1)
+        ids = torch.where(end.view(-1, 1), end_id.view(-1, 1), ids)
+        first = torch.zeros_like(filled)
+        first[:, 0] = True
+        filled = torch.where(end.view(-1, 1), first, filled)
+        logp = torch.where(end.view(-1, 1), torch.where(first, end_logp.view(-1, 1), float("-inf")), logp)
     return ids, logp, filled

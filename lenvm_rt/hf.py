@@ -124,9 +124,11 @@ class LengthGuidanceLogitsProcessor:
         self._seen = input_ids.cpu().clone()
         B = input_ids.shape[0]
         g = self.guidance
-        ban, force = EosRule([g] * B, self.device).masks(self._step)
+        eos_rule = EosRule([g] * B, self.device)
+        ban, force = eos_rule.masks(self._step)
         with torch.inference_mode():
-            cand, logp, _ = build_candidates(scores.float().to(self.device), self._settings, ban, force)
+            cand, logp, _ = build_candidates(scores.float().to(self.device), self._settings, ban, force,
+                                             eos_rule.ending(self._step))
             x = self.value.trunk.lookahead(cand, self._positions)  # [B, K, D]
             z = self.value.values(x.reshape(B * cand.shape[1], -1))[0].view(B, -1)
             slot, token = self._selector.step(cand, logp, z)

@@ -351,8 +351,9 @@ class Engine:
         unguided = self._unguided
         plain = (self._chooser(logits, steps) if len(guided) < B
                  else torch.zeros(B, dtype=torch.long, device=dev))
-        ban, force = self._eos_rule.masks(torch.tensor(steps, device=dev))
-        cand, logp, filled = build_candidates(logits, self._cand_settings, ban, force)
+        step = torch.tensor(steps, device=dev)
+        ban, force = self._eos_rule.masks(step)
+        cand, logp, filled = build_candidates(logits, self._cand_settings, ban, force, self._eos_rule.ending(step))
         width = live_width(filled, ~unguided)
         cand, logp = cand[:, :width], logp[:, :width]
         cand = torch.where(unguided.view(-1, 1), plain.view(-1, 1), cand)
