@@ -305,8 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "at-least: longest, then shortest); band = follow the policy among the candidates the "
                           "target allows (equal: within max(2, 25%%) tokens of it; at-most: predicted to fit; "
                           "at-least: predicted to reach it); soft (equal only) = sample from the value-tilted "
-                          "distribution whose expected value is the target's (default: band for equal and "
-                          "at-most, strict for at-least)")
+                          "distribution whose expected value is the target's (default: band)")
     gen.add_argument("--tilt", type=float, default=None, help="exponential tilt β: < 0 shorter, > 0 longer")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)

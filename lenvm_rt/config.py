@@ -181,7 +181,7 @@ LENGTH_CONSTRAINTS = ("equal", "at_most", "at_least")
 LENGTH_RULES = ("strict", "band", "soft")  # how a length target picks: the paper's rule, the band, or (Equal To
                                            # only) the tilt that hits the target in expectation (select_ref.py)
 # Each constraint's rule when a LengthTarget names none, chosen by measurement on LIFEBench (README, "Which rule").
-DEFAULT_RULES = {"equal": "band", "at_most": "band", "at_least": "strict"}
+DEFAULT_RULES = {"equal": "band", "at_most": "band", "at_least": "band"}
 DEFAULT_EQUAL_RULE = DEFAULT_RULES["equal"]
 
 
@@ -192,13 +192,16 @@ class LengthTarget:
     `LengthTarget.equal(128)` asks for 128 tokens of text followed by EOS (129 generated tokens:
     Generation.num_tokens counts the EOS). This is the count a user reads and LIFEBench scores.
 
-    `rule` (None means the constraint's DEFAULT_RULES entry: band for Equal To and At Most, strict for At Least):
+    `rule` (None means the constraint's DEFAULT_RULES entry: band for every constraint):
     "strict" is the paper's rule: Equal To takes the candidate whose predicted remaining length is closest to
     the target's (EOS a candidate at every step), At Most the shortest, At Least the longest until the target
     and then the shortest. "band" follows the policy (samples by base probability, or takes its argmax when
     greedy) among the candidates the target allows: for Equal To those within max(2, 0.25·ρ) tokens of the
     remaining target ρ, for At Most those predicted to fit it (l̂ <= ρ), for At Least those predicted to reach
-    it (l̂ >= ρ) and every candidate once it is reached; with none allowed it makes the strict choice. "soft"
+    it (l̂ >= ρ) and every candidate once it is reached; with none allowed it makes the strict choice. At Most
+    and At Least band rows also end early inside their ending window when the policy accepts EOS (guidance.py):
+    the last max(2, ⌈N/4⌉) tokens before the limit, or as many past the target, where At Least ends at the
+    latest. "soft"
     (Equal To only; the reference's `eq_soft`) samples from the base distribution exponentially tilted in value
     so that the expected value of the chosen token equals the target's, and takes the closest when the target
     lies outside the candidates' values (lenvm_rt/select_ref.py). Band and soft Equal-To rows and every At Least

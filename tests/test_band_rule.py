@@ -168,8 +168,8 @@ def test_api_maps_band_rule_and_the_default_rule() -> None:
     assert LengthTarget.equal(12).rule == DEFAULT_EQUAL_RULE == "band"  # chosen by measurement (README)
     assert LengthTarget.equal(12) == LengthTarget("equal", 12, None) == LengthTarget.equal(12, rule="band")
     assert Guidance.of(LengthTarget.at_most(12), None).rule == RULES["at_most_band"]  # measured (README)
-    assert Guidance.of(LengthTarget.at_least(12), None).rule == RULES["at_least"]
-    assert LengthTarget.at_most(12).rule == "band" and LengthTarget.at_least(3).rule == "strict"
+    assert Guidance.of(LengthTarget.at_least(12), None).rule == RULES["at_least_band"]
+    assert LengthTarget.at_most(12).rule == "band" and LengthTarget.at_least(3).rule == "band"
 
 
 @pytest.mark.parametrize("make", [

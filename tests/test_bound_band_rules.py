@@ -185,7 +185,7 @@ def test_api_and_cli_map_the_band_rule_of_each_constraint() -> None:
     assert Guidance.of(LengthTarget.at_most(12, "band"), None) == Guidance(AT_MOST_BAND, 13, 0.0)
     assert Guidance.of(LengthTarget.at_least(12, rule="band"), None) == Guidance(AT_LEAST_BAND, 13, 0.0)
     assert Guidance.of(LengthTarget.at_most(12), None) == Guidance(AT_MOST_BAND, 13, 0.0)  # the default
-    assert Guidance.of(LengthTarget.at_least(12), None) == Guidance(AT_LEAST, 13, 0.0)  # the default: the paper's
+    assert Guidance.of(LengthTarget.at_least(12), None) == Guidance(AT_LEAST_BAND, 13, 0.0)  # the default: band
     for make in (lambda: LengthTarget.at_most(5, "soft"), lambda: LengthTarget.at_least(5, "soft")):
         with pytest.raises(ValueError, match="'soft' applies to the equal constraint only"):
             make()

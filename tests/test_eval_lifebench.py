@@ -311,17 +311,17 @@ def test_band_rule_runs_are_recorded_and_kept_apart(setup, tmp_path, torch_value
 def test_bound_band_runs_are_recorded_and_keep_their_bounds(setup, tmp_path, torch_value_head):
     policy, head, data, _ = setup
     out, strict = tmp_path / "out", tmp_path / "strict"
-    assert _run(policy, data, out, "--value-model", str(head), "--constraints", "at-most,at-least",
-                "--at-least-rule", "band") == 0  # At Most: band by default
+    assert _run(policy, data, out, "--value-model", str(head), "--constraints", "at-most,at-least") == 0  # band: default
     config = json.loads((out / "lifebench_guided.json").read_text())["config"]
     assert config["at_most_rule"] == config["at_least_rule"] == "band"
     records = [json.loads(line) for line in (out / "lifebench_guided.jsonl").read_text().splitlines()]
     ran = [r for r in records if not r["skipped"]]
     assert ran and all(r["length"] <= r["target"] if r["constraint"] == "at_most" else
                        r["length"] >= r["target"] or r["finish_reason"] == "length" for r in ran)
-    assert _run(policy, data, out, "--value-model", str(head), "--constraints", "at-most") == 2  # another run
+    assert _run(policy, data, out, "--value-model", str(head), "--constraints", "at-most",
+                "--at-least-rule", "strict") == 2  # another run
     assert _run(policy, data, strict, "--value-model", str(head), "--constraints", "at-most", "--targets", "4",
-                "--at-most-rule", "strict") == 0
+                "--at-most-rule", "strict", "--at-least-rule", "strict") == 0
     config = json.loads((strict / "lifebench_guided.json").read_text())["config"]
     assert "at_most_rule" not in config and "at_least_rule" not in config  # the paper's rules: not recorded
 

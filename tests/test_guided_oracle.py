@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 import lenvm_rt
 from lenvm_rt import LengthTarget, Sampling, _native
-from lenvm_rt.guidance import EOS_BANNED_BEFORE_TARGET, CandidateSettings, Guidance, build_candidates
-from lenvm_rt.select_ref import GUIDANCE_STREAM, TILT, RowState, select_row
+from lenvm_rt.guidance import EOS_BANNED_BEFORE_TARGET, CandidateSettings, Guidance, build_candidates, ending_window
+from lenvm_rt.select_ref import AT_LEAST_BAND, AT_MOST_BAND, GUIDANCE_STREAM, TILT, RowState, select_row
 
 GAMMA = 0.97
 
@@ -37,7 +37,12 @@ def _oracle(policy, trunk, head, prompt, sampling, guidance, eos, max_new):
             logits = policy(torch.tensor([ids])).logits[:, -1].float()
             ban = torch.tensor([guidance.rule in EOS_BANNED_BEFORE_TARGET and step + 1 < guidance.target])
             force = torch.tensor([guidance.rule != TILT and step + 1 >= guidance.target])
-            cand, logp, filled = build_candidates(logits, settings, ban, force)
+            count, T, w = step + 1, guidance.target, ending_window(guidance.target)
+            in_window = (guidance.rule == AT_MOST_BAND and T - w <= count < T) or (
+                guidance.rule == AT_LEAST_BAND and T <= count < T + w)
+            must_end = guidance.rule == AT_LEAST_BAND and count >= T + w
+            ending = (torch.tensor([in_window]), torch.tensor([must_end]))
+            cand, logp, filled = build_candidates(logits, settings, ban, force, ending)
             hn = torch.stack([trunk.model(torch.tensor([ids + [int(c)]])).last_hidden_state[0, -1] for c in cand[0]])
             z = (torch.nn.functional.silu(hn @ head["v_head.fc.weight"].T + head["v_head.fc.bias"])
                  @ head["v_head.summary.weight"].T + head["v_head.summary.bias"])[:, 0]
@@ -67,6 +72,8 @@ CASES = [
     (Sampling(temperature=1.0, top_k=6, seed=1), LengthTarget.equal(9), None),
     (Sampling(temperature=0.7, top_k=8, top_p=0.9, seed=2), None, -2.0),
     (Sampling(temperature=1.0, top_k=5, min_p=0.05, seed=3), LengthTarget.at_least(6), None),
+    (Sampling(temperature=0.0, top_k=5, seed=5), LengthTarget.at_most(8), None),
+    (Sampling(temperature=1.0, top_k=6, seed=6), LengthTarget.at_least(4, "strict"), None),
     (Sampling(temperature=0.0, top_k=4, seed=0), None, 1.5),
 ]
 

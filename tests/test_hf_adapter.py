@@ -19,8 +19,9 @@ def dirs(tmp_path_factory):
     return policy, value
 
 
-@pytest.mark.parametrize(("length", "tilt"), [(LengthTarget.equal(7), None), (LengthTarget.at_least(5), None),
-                                              (None, -3.0)])
+@pytest.mark.parametrize(("length", "tilt"), [(LengthTarget.equal(7), None), (LengthTarget.at_least(5, "strict"), None),
+                                              (LengthTarget.at_most(9, "band"), None),
+                                              (LengthTarget.at_least(4, "band"), None), (None, -3.0)])
 def test_transformers_generate_with_the_processor_matches_the_runtime(dirs, length, tilt):
     from transformers import AutoModelForCausalLM, LogitsProcessorList
 
