@@ -311,7 +311,8 @@ def test_band_rule_runs_are_recorded_and_kept_apart(setup, tmp_path, torch_value
 def test_bound_band_runs_are_recorded_and_keep_their_bounds(setup, tmp_path, torch_value_head):
     policy, head, data, _ = setup
     out, strict = tmp_path / "out", tmp_path / "strict"
-    assert _run(policy, data, out, "--value-model", str(head), "--constraints", "at-most,at-least") == 0  # band: default
+    # both bounds take the band rule by default
+    assert _run(policy, data, out, "--value-model", str(head), "--constraints", "at-most,at-least") == 0
     config = json.loads((out / "lifebench_guided.json").read_text())["config"]
     assert config["at_most_rule"] == config["at_least_rule"] == "band"
     records = [json.loads(line) for line in (out / "lifebench_guided.jsonl").read_text().splitlines()]
