@@ -18,7 +18,7 @@ first empty slot (else the last one) with its own log-probability, so a row can 
 policy ranks EOS below its top-k (EOS reachability).
 
 Ending window (the band rules of At Most and At Least): a text that must end by a limit ends best where the policy
-itself would accept an end, not at the limit, where EOS mid-sentence costs the policy 15-35 nats. W = max(BAND_ABS,
+itself would accept an end, not at the limit, where EOS mid-sentence costs the policy 18-35 nats. W = max(BAND_ABS,
 BAND_REL·N) tokens for a target of N tokens (T = N + 1). An At Most band row is in its window while N - W < t + 1 < T
 (t tokens generated), an At Least band row while T <= t + 1 < T + W; at t + 1 = T + W the At Least band row must end.
 A row in its window whose policy gives EOS (full vocabulary, the row's temperature, summed over the EOS ids) a
@@ -137,7 +137,7 @@ class EosRule:
         start, stop, end = [never] * len(guidances), [never] * len(guidances), [never] * len(guidances)
         for b, g in enumerate(guidances):
             if g is not None and g.rule == AT_MOST_BAND:
-                start[b], stop[b] = g.target - 1 - ending_window(g.target) + 1, g.target
+                start[b], stop[b] = g.target - ending_window(g.target), g.target
             elif g is not None and g.rule == AT_LEAST_BAND:
                 start[b] = g.target
                 stop[b] = end[b] = g.target + ending_window(g.target)
