@@ -56,6 +56,7 @@
 #include "linear.h"
 #include "rng.h"
 #include "thread_pool.h"
+#include "token_stats.h"
 #include "value_math.h"
 
 namespace py = pybind11;
@@ -207,6 +208,25 @@ void rms_norm_py(const CArray<float>& x, const CArray<float>& weight, float eps,
     without_gil([&] { lenvm::rms_norm(xp, wp, eps, op, rows, d); });
 }
 
+void token_stats_py(const CArray<float>& logits, const CArray<std::int64_t>& tokens, CArray<double>& logp,
+                    CArray<std::int64_t>& rank) {
+    lenvm::check(logits.ndim() == 2 && logits.shape(1) > 0, "logits", "a 2-D array [R, V], V >= 1", logits.ndim());
+    const auto rows = logits.shape(0), vocab = logits.shape(1);
+    lenvm::check(tokens.ndim() == 1 && tokens.shape(0) == rows, "tokens", "int64[R] matching logits", tokens.ndim());
+    for (py::ssize_t r = 0; r < rows; ++r)
+        lenvm::check_index(tokens.data()[r] >= 0 && tokens.data()[r] < vocab, "tokens", "ids in [0, V)",
+                           tokens.data()[r]);
+    lenvm::check(logp.ndim() == 1 && logp.shape(0) == rows && logp.writeable(), "logp", "a writeable float64[R]",
+                 logp.ndim());
+    lenvm::check(rank.ndim() == 1 && rank.shape(0) == rows && rank.writeable(), "rank", "a writeable int64[R]",
+                 rank.ndim());
+    const float* lp = logits.data();
+    const std::int64_t* tp = tokens.data();
+    double* op = logp.mutable_data();
+    std::int64_t* rp = rank.mutable_data();
+    without_gil([&] { lenvm::token_stats(lp, tp, rows, vocab, op, rp); });
+}
+
 void decode_attention_py(const CArray<float>& q, const CArray<float>& k_cache, const CArray<float>& v_cache,
                          const CArray<std::int32_t>& span, float scale, CArray<float>& out) {
     lenvm::check(q.ndim() == 3, "q", "a 3-D array [B, H, Dh]", q.ndim());
@@ -354,6 +374,10 @@ PYBIND11_MODULE(_core, m) {
 
     m.def("rms_norm", &rms_norm_py, py::arg("x").noconvert(), py::arg("weight").noconvert(), py::arg("eps"),
           py::arg("out").noconvert(), "out = x / sqrt(mean(x**2) + eps) * weight per row (float32).");
+    m.def("token_stats", &token_stats_py, py::arg("logits").noconvert(), py::arg("tokens").noconvert(),
+          py::arg("logp").noconvert(), py::arg("rank").noconvert(),
+          "Per row r: logp[r] = log softmax(logits[r])[tokens[r]] (float64) and rank[r] = 1 + the count of\n"
+          "logits[r] strictly above the chosen one (int64); logits float32 [R, V]. NaN logp for a row with NaN or +inf.");
     m.def("decode_attention", &decode_attention_py, py::arg("q").noconvert(), py::arg("k_cache").noconvert(),
           py::arg("v_cache").noconvert(), py::arg("span").noconvert(), py::arg("scale"), py::arg("out").noconvert(),
           "One query per row and head over cache positions 0..span[b]-1, grouped-query, float32.");

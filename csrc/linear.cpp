@@ -15,13 +15,11 @@
 #include <string>
 #include <utility>
 
+#include "cpu_features.h"
 #include "errors.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#define LENVM_HAS_X86 1
+#if LENVM_HAS_X86
 #include <immintrin.h>
-#else
-#define LENVM_HAS_X86 0
 #endif
 
 namespace lenvm {
@@ -73,8 +71,6 @@ void block_scalar(const float* x, const float* w, const float* bias, float* out,
 // ---- AVX2 + FMA kernel ---------------------------------------------------------------------------------
 
 #if LENVM_HAS_X86
-
-#define LENVM_AVX2_FMA __attribute__((target("avx2,fma")))
 
 // kTailMask + 8 - r holds r all-ones words followed by zeros: the load mask for a tail of r < 8 floats.
 constexpr std::int32_t kTailMask[2 * kLanes] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
@@ -177,11 +173,6 @@ void block_avx2(const float* x, const float* w, const float* bias, float* out, s
                                            i == 0 ? next_group : nullptr);
         }
     }
-}
-
-bool cpu_has_avx2_fma() {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
 #endif  // LENVM_HAS_X86

@@ -239,6 +239,12 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray) -> 
     _core.rms_norm(x, weight, float(eps), out)
 
 
+def token_stats(logits: np.ndarray, tokens: np.ndarray, logp: np.ndarray, rank: np.ndarray) -> None:
+    """logp[r] = log softmax(logits[r])[tokens[r]] and rank[r] = 1 + #(logits[r] > the chosen logit)
+    (csrc/token_stats.h); logits float32 [R, V], tokens int64 [R] in [0, V), logp float64 [R], rank int64 [R]."""
+    _core.token_stats(logits, tokens, logp, rank)
+
+
 def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, span: np.ndarray, scale: float,
                      out: np.ndarray) -> None:
     """Decode-step attention (csrc/decode_ops.h); float32 arrays, span int32[B]."""

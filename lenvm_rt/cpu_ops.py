@@ -81,6 +81,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.from_numpy(out).view(x.shape)
 
 
+def token_stats(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen-token statistics of contiguous fp32 CPU logits[R, V] and int64 tokens[R]: (log p float64 [R],
+    1-based rank int64 [R]), in one native pass per row."""
+    logp = np.empty(logits.shape[0], dtype=np.float64)
+    rank = np.empty(logits.shape[0], dtype=np.int64)
+    _native.token_stats(logits.numpy(), tokens.numpy(), logp, rank)
+    return torch.from_numpy(logp), torch.from_numpy(rank)
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span: np.ndarray,
                      scale: float) -> torch.Tensor:
     """One query per row and head: q[B, H, Dh] over k/v_cache[Bc, Hkv, C, Dh] positions < span[b] -> [B, H, Dh]."""

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 
 import torch
 
+from . import cpu_ops
 from .config import Sampling
 from .guidance import CandidateSettings, EosRule, Guidance, build_candidates
 from .model import CausalLM, right_padded
@@ -98,7 +99,12 @@ class _Rows:
 
 
 def token_stats(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(tokens[b]) under softmax(logits[b]) [B] and its 1-based rank [B] (1 + tokens strictly more likely)."""
+    """log p(tokens[b]) under softmax(logits[b]) [B] and its 1-based rank [B] (1 + tokens strictly more likely).
+
+    CPU fp32 logits take one native pass per row (cpu_ops.token_stats); others run in torch.
+    """
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
+        return cpu_ops.token_stats(logits, tokens.to(torch.int64).contiguous())
     logits = logits.float()
     chosen = logits.gather(1, tokens.view(-1, 1))  # [B, 1]
     logp = chosen.squeeze(1) - torch.logsumexp(logits, dim=-1)
@@ -161,6 +167,7 @@ def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], sampli
         value.trunk.allocate(batch=B, capacity=capacity)
     chooser = TokenChooser(samplings, dev)
     guided = [b for b, g in enumerate(guidances) if g is not None]
+    guided_index = torch.tensor(guided, dtype=torch.long, device=dev)
     unguided = torch.tensor([g is None for g in guidances], device=dev)
     guided_mask = ~unguided
     settings = CandidateSettings.of(samplings, eos_ids, dev)
@@ -192,12 +199,16 @@ def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], sampli
             watch.lap("lookahead_forward")
             z = value.values(lookahead.reshape(B * cand.shape[1], -1))[0].view(B, -1)  # [B, K] fp32
             watch.lap("value_head")
-            slot = torch.zeros(B, dtype=torch.long, device=dev)
-            tokens = plain.clone()
-            if selector is not None:
-                g_slot, g_token = selector.step(cand[guided], logp[guided], z[guided])
-                slot[guided] = g_slot.clamp(min=0)
-                tokens[guided] = g_token
+            if selector is None:
+                slot, tokens = torch.zeros(B, dtype=torch.long, device=dev), plain
+            elif len(guided) == B:  # every row guided: no gather and scatter
+                slot, tokens = selector.step(cand, logp, z)
+                slot = slot.clamp(min=0)
+            else:
+                slot, tokens = torch.zeros(B, dtype=torch.long, device=dev), plain.clone()
+                g_slot, g_token = selector.step(cand[guided_index], logp[guided_index], z[guided_index])
+                slot[guided_index] = g_slot.clamp(min=0)
+                tokens[guided_index] = g_token
             watch.lap("select")
             z_chosen = z[arange, slot]
             remaining = remaining_from_logit(z_chosen.double(), value.gamma)

@@ -49,9 +49,10 @@ class NativeSelector:
 
     def step(self, cand_ids: torch.Tensor, cand_logp: torch.Tensor, cand_z: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = _marked(cand_ids, cand_logp).numpy()
-        logp = cand_logp.to(torch.float32).contiguous().numpy()
-        z = cand_z.to(torch.float32).contiguous().numpy()
+        # numpy views and numpy ops: on [G, K] arrays each torch op costs more than the whole native step
+        logp = np.ascontiguousarray(cand_logp.numpy(), dtype=np.float32)
+        ids = np.where(np.isfinite(logp), cand_ids.numpy(), -1).astype(np.int32)
+        z = np.ascontiguousarray(cand_z.numpy(), dtype=np.float32)
         self.batch.step(self.rows, ids, logp, z, self.out_slot, self.out_token, self.out_done)
         return torch.from_numpy(self.out_slot.astype(np.int64)), torch.from_numpy(self.out_token.astype(np.int64))
 

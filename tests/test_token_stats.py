@@ -1,0 +1,122 @@
+"""The native chosen-token statistics (csrc/token_stats.h) against a float64 torch log-softmax.
+
+logp must lie within 1e-7 of the float64 value (torch's own float32 log-sum-exp is ~1e-6 off at these sizes) and
+the rank must be exact, on both kernels (the AVX2 one in this process, the portable one in a child process with
+LENVM_RT_LINEAR_KERNEL=scalar); the decode loop's token_stats gives the same as its torch fallback.
+"""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from subproc import run_python
+
+from lenvm_rt import _core, cpu_ops
+from lenvm_rt.decode import token_stats
+
+
+def reference(logits: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = torch.from_numpy(logits).double()
+    t = torch.from_numpy(tokens).view(-1, 1)
+    chosen = x.gather(1, t)
+    return (chosen[:, 0] - torch.logsumexp(x, dim=-1)).numpy(), ((x > chosen).sum(dim=-1) + 1).numpy()
+
+
+def native(logits: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    logp, rank = np.empty(len(tokens)), np.empty(len(tokens), dtype=np.int64)
+    _core.token_stats(logits, tokens, logp, rank)
+    return logp, rank
+
+
+def cases() -> list[tuple[str, np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    out = []
+    for vocab in (1, 7, 8, 16, 23, 513, 1024, 49152, 151936):
+        logits = (rng.standard_normal((3, vocab)) * 4).astype(np.float32)
+        out.append((f"random V={vocab}", logits, rng.integers(0, vocab, 3)))
+    spread = np.linspace(-1e4, 1e4, 4099, dtype=np.float32)[None].repeat(2, 0)  # terms far below e^-87 and 1e4
+    out.append(("wide spread", spread, np.array([4098, 2000])))
+    ties = np.zeros((2, 64), dtype=np.float32)
+    ties[1, :10] = 1.0
+    out.append(("ties", ties, np.array([5, 3])))  # rank counts strictly larger entries only: 1 and 1
+    banned = (rng.standard_normal((2, 100)) * 3).astype(np.float32)
+    banned[:, ::3] = -np.inf  # -inf entries (banned tokens) carry no mass
+    out.append(("-inf entries", banned, np.array([1, 4])))
+    return [(name, np.ascontiguousarray(x), t.astype(np.int64)) for name, x, t in out]
+
+
+@pytest.mark.parametrize(("name", "logits", "tokens"), cases(), ids=[c[0] for c in cases()])
+def test_matches_float64_log_softmax(name, logits, tokens) -> None:
+    logp, rank = native(logits, tokens)
+    want_logp, want_rank = reference(logits, tokens)
+    np.testing.assert_allclose(logp, want_logp, rtol=0, atol=1e-7)
+    assert rank.tolist() == want_rank.tolist()
+
+
+def test_portable_kernel_matches_too() -> None:
+    code = textwrap.dedent("""
+        import json, numpy as np
+        from lenvm_rt import _core
+        rng = np.random.default_rng(1)
+        out = []
+        for vocab in (5, 49152):
+            x = (rng.standard_normal((2, vocab)) * 4).astype(np.float32)
+            t = rng.integers(0, vocab, 2).astype(np.int64)
+            lp, rk = np.empty(2), np.empty(2, dtype=np.int64)
+            _core.token_stats(x, t, lp, rk)
+            out.append([_core.linear_kernel(), lp.tolist(), rk.tolist()])
+        print(json.dumps(out))
+    """)
+    done = run_python(code, env={"LENVM_RT_LINEAR_KERNEL": "scalar", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    rng = np.random.default_rng(1)
+    for (kernel, logp, rank), vocab in zip(json.loads(done.stdout), (5, 49152)):
+        x = (rng.standard_normal((2, vocab)) * 4).astype(np.float32)
+        t = rng.integers(0, vocab, 2).astype(np.int64)
+        want_logp, want_rank = reference(x, t)
+        assert kernel == "scalar"
+        np.testing.assert_allclose(logp, want_logp, rtol=0, atol=1e-9)
+        assert rank == want_rank.tolist()
+
+
+def test_nan_and_inf_rows_give_nan_and_leave_other_rows_alone() -> None:
+    logits = np.zeros((3, 40), dtype=np.float32)
+    logits[0, 7] = np.nan
+    logits[1, 39] = np.inf
+    logits[2, 3] = 2.0
+    logp, rank = native(logits, np.array([0, 0, 3], dtype=np.int64))
+    assert np.isnan(logp[0]) and np.isnan(logp[1])
+    assert logp[2] == pytest.approx(2.0 - np.log(39 + np.exp(2.0)), abs=1e-7) and rank[2] == 1
+    assert rank[1] == 2  # the +inf entry is larger than the chosen 0
+
+
+@pytest.mark.parametrize(("logits", "tokens", "error", "name"), [
+    (np.zeros((2, 5), np.float32), np.array([0, 5]), IndexError, "tokens"),
+    (np.zeros((2, 5), np.float32), np.array([-1, 0]), IndexError, "tokens"),
+    (np.zeros((2, 5), np.float32), np.array([0]), ValueError, "tokens"),
+    (np.zeros(5, np.float32), np.array([0]), ValueError, "logits"),
+    (np.zeros((2, 0), np.float32), np.array([0, 0]), ValueError, "logits"),
+])
+def test_bad_input_is_refused_by_name(logits, tokens, error, name) -> None:
+    logp, rank = np.full(len(tokens), 7.0), np.full(len(tokens), 7, dtype=np.int64)
+    with pytest.raises(error, match=name):
+        _core.token_stats(logits, tokens.astype(np.int64), logp, rank)
+    assert logp.tolist() == [7.0] * len(tokens) and rank.tolist() == [7] * len(tokens)  # nothing written
+    with pytest.raises(TypeError):  # no silent conversion of the dtype
+        _core.token_stats(np.zeros((1, 5), np.float64), np.zeros(1, np.int64), np.empty(1), np.empty(1, np.int64))
+    assert native(np.ones((1, 4), np.float32), np.array([2], dtype=np.int64))[1].tolist() == [1]  # still usable
+
+
+def test_decode_token_stats_native_and_torch_paths_agree() -> None:
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 3000, generator=g) * 5
+    tokens = torch.tensor([0, 17, 2999, 1500])
+    fast = token_stats(logits, tokens)
+    direct = cpu_ops.token_stats(logits, tokens)
+    slow = token_stats(logits.t().contiguous().t(), tokens)  # not contiguous: the torch path
+    assert torch.equal(fast[0], direct[0]) and torch.equal(fast[1], direct[1])
+    assert fast[0].double().tolist() == pytest.approx(slow[0].double().tolist(), abs=2e-5)
+    assert fast[1].tolist() == slow[1].tolist()
