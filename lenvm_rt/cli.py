@@ -173,11 +173,20 @@ DEMO_PROMPTS = [
 DEMO_GUIDED_PROMPT = "Explain why the sky is blue."
 DEMO_TARGETS = (("equal", 16), ("equal", 48), ("at-most", 24), ("at-least", 96))
 # min-p keeps improbable tokens out of the candidate set, so the rule steers length without wrecking the text
-DEMO_GUIDED_SAMPLING = Sampling(temperature=0, min_p=0.2)
+# (0.7: the guard of the published LIFEBench run, README "Quality guard")
+DEMO_GUIDED_SAMPLING = Sampling(temperature=0, min_p=0.7)
 
 
 def _response_tokens(g) -> int:
     return g.num_tokens - (g.finish_reason == "stop")
+
+
+def _length_and_quality(g, eos_ids: frozenset[int]) -> str:
+    """"N tokens, NLL x": the response length and the policy's own NLL per token of it (from the decode steps)."""
+    from .quality import quality_of_steps
+
+    q = quality_of_steps(g.token_ids, g.token_logprobs, g.token_ranks, eos_ids)
+    return f"{_response_tokens(g)} tokens, policy NLL {q.nll:.2f}"
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -208,13 +217,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
         return 0
     chat = [{"role": "user", "content": DEMO_GUIDED_PROMPT}]
     print(f">>> {DEMO_GUIDED_PROMPT}   (length control with the default value head, γ = {rt.gamma:.4f}, "
-          "candidates: top-15 with min-p 0.2)")
+          f"candidates: top-15 with min-p {DEMO_GUIDED_SAMPLING.min_p}; NLL: nats per token under the unguided policy)")
     plain = rt.generate(chat, max_new_tokens=2 * a.max_new_tokens, sampling=Sampling(temperature=0))
-    print(f"[unguided: {_response_tokens(plain)} tokens] {plain.text.strip()}\n")
+    print(f"[unguided: {_length_and_quality(plain, rt.eos_token_ids)}] {plain.text.strip()}\n")
     for constraint, n in DEMO_TARGETS:
         target = {"equal": LengthTarget.equal, "at-most": LengthTarget.at_most, "at-least": LengthTarget.at_least}
         g = rt.generate(chat, max_new_tokens=2 * n + 32, sampling=DEMO_GUIDED_SAMPLING, length=target[constraint](n))
-        print(f"[{constraint} {n}: {_response_tokens(g)} tokens] {g.text.strip()}\n")
+        print(f"[{constraint} {n}: {_length_and_quality(g, rt.eos_token_ids)}] {g.text.strip()}\n")
     return 0
 
 
