@@ -199,12 +199,12 @@ class LengthTarget:
     greedy) among the candidates the target allows: for Equal To those within max(2, 0.25·ρ) tokens of the
     remaining target ρ, for At Most those predicted to fit it (l̂ <= ρ), for At Least those predicted to reach
     it (l̂ >= ρ) and every candidate once it is reached; with none allowed it makes the strict choice. At Most
-    and At Least band rows also end early inside their ending window when the policy accepts EOS (guidance.py):
-    the last max(2, ⌈N/4⌉) tokens before the limit, or as many past the target, where At Least ends at the
-    latest. "soft"
-    (Equal To only; the reference's `eq_soft`) samples from the base distribution exponentially tilted in value
-    so that the expected value of the chosen token equals the target's, and takes the closest when the target
-    lies outside the candidates' values (lenvm_rt/select_ref.py). Band and soft Equal-To rows and every At Least
+    and At Least band rows also end inside their ending window as soon as the policy gives EOS a probability of
+    at least 1e-4 (guidance.py): the last max(2, ⌈N/4⌉) tokens before the limit, or as many tokens past the
+    target, at whose end an At Least row ends anyway. "soft" (Equal To only; the reference's `eq_soft`) samples
+    from the base distribution exponentially tilted in value so that the expected value of the chosen token
+    equals the target's, and takes the closest when the target lies outside the candidates' values
+    (lenvm_rt/select_ref.py). Band and soft Equal-To rows and every At Least
     row see no EOS before the target; every length row sees EOS from its target on, and At Most ends there.
     """
 

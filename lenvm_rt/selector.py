@@ -49,7 +49,7 @@ class NativeSelector:
 
     def step(self, cand_ids: torch.Tensor, cand_logp: torch.Tensor, cand_z: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        # numpy views and numpy ops: on [G, K] arrays each torch op costs more than the whole native step
+        # numpy views and numpy ops: on [G, K] arrays a torch op costs more than the native step itself
         logp = np.ascontiguousarray(cand_logp.numpy(), dtype=np.float32)
         ids = np.where(np.isfinite(logp), cand_ids.numpy(), -1).astype(np.int32)
         z = np.ascontiguousarray(cand_z.numpy(), dtype=np.float32)
