@@ -377,7 +377,8 @@ PYBIND11_MODULE(_core, m) {
     m.def("token_stats", &token_stats_py, py::arg("logits").noconvert(), py::arg("tokens").noconvert(),
           py::arg("logp").noconvert(), py::arg("rank").noconvert(),
           "Per row r: logp[r] = log softmax(logits[r])[tokens[r]] (float64) and rank[r] = 1 + the count of\n"
-          "logits[r] strictly above the chosen one (int64); logits float32 [R, V]. NaN logp for a row with NaN or +inf.");
+          "logits[r] strictly above the chosen one (int64); logits float32 [R, V]. NaN logp for a row with NaN\n"
+          "or +inf.");
     m.def("decode_attention", &decode_attention_py, py::arg("q").noconvert(), py::arg("k_cache").noconvert(),
           py::arg("v_cache").noconvert(), py::arg("span").noconvert(), py::arg("scale"), py::arg("out").noconvert(),
           "One query per row and head over cache positions 0..span[b]-1, grouped-query, float32.");

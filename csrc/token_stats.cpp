@@ -92,8 +92,10 @@ LENVM_AVX2_FMA void row_avx2(const float* x, std::int64_t vocab, std::int64_t to
     for (std::int64_t v = 0; v < main; v += 8) {
         const __m256 xv = _mm256_loadu_ps(x + v);
         max_v = _mm256_max_ps(max_v, xv);
-        larger += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(xv, chosen_v, _CMP_GT_OQ))));
-        bad_v = _mm256_or_ps(bad_v, _mm256_or_ps(_mm256_cmp_ps(xv, xv, _CMP_UNORD_Q), _mm256_cmp_ps(xv, inf_v, _CMP_EQ_OQ)));
+        const int above = _mm256_movemask_ps(_mm256_cmp_ps(xv, chosen_v, _CMP_GT_OQ));
+        larger += __builtin_popcount(static_cast<unsigned>(above));
+        const __m256 bad = _mm256_or_ps(_mm256_cmp_ps(xv, xv, _CMP_UNORD_Q), _mm256_cmp_ps(xv, inf_v, _CMP_EQ_OQ));
+        bad_v = _mm256_or_ps(bad_v, bad);
     }
     alignas(32) float lanes[8];
     _mm256_store_ps(lanes, max_v);
@@ -117,7 +119,9 @@ LENVM_AVX2_FMA void row_avx2(const float* x, std::int64_t vocab, std::int64_t to
             sum_a = _mm256_add_ps(sum_a, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + v), max_b)));
             sum_b = _mm256_add_ps(sum_b, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + v + 8), max_b)));
         }
-        for (; v < end; v += 8) sum_a = _mm256_add_ps(sum_a, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + v), max_b)));
+        for (; v < end; v += 8) {
+            sum_a = _mm256_add_ps(sum_a, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + v), max_b)));
+        }
         sum += fold_to_double(sum_a) + fold_to_double(sum_b);
     }
     *logp = (static_cast<double>(chosen) - static_cast<double>(s.max)) - std::log(sum);
