@@ -7,6 +7,7 @@ LENVM_RT_LINEAR_KERNEL=scalar); the decode loop's token_stats gives the same as 
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 
 import numpy as np
@@ -70,7 +71,7 @@ def test_portable_kernel_matches_too() -> None:
             out.append([_core.linear_kernel(), lp.tolist(), rk.tolist()])
         print(json.dumps(out))
     """)
-    done = run_python(code, env={"LENVM_RT_LINEAR_KERNEL": "scalar", "PATH": "/usr/bin:/bin"})
+    done = run_python(code, env={**os.environ, "LENVM_RT_LINEAR_KERNEL": "scalar"})
     assert done.returncode == 0, done.stderr
     rng = np.random.default_rng(1)
     for (kernel, logp, rank), vocab in zip(json.loads(done.stdout), (5, 49152)):
