@@ -17,6 +17,7 @@ from guidance_cases import (
     EOS,
     GAMMAS,
     admit_all,
+    assert_band_draws_follow_base_probabilities,
     compare_three_ways,
     core_step,
     quiet_float_errors,  # noqa: F401  (an autouse fixture)
@@ -121,27 +122,9 @@ def test_empty_band_falls_back_to_equal() -> None:
 
 
 def test_draw_frequencies_match_renormalised_base_probabilities() -> None:
-    gamma, capacity, steps, target = 0.997, 2000, 10, 41
     probs = np.array([0.35, 0.2, 0.15, 0.1, 0.1, 0.1])
     offsets = np.array([30.0, 3.0, -4.0, -20.0, 0.0, -1.0])  # l̂ - ρ; the band is >= max(2, 0.25·31) = 7.75 wide
-    in_band = np.abs(offsets) < 7.75
-    batch = _native.GuidanceBatch(capacity, EOS)
-    for slot in range(capacity):
-        batch.admit(slot, rule="equal_band", target=target, max_new=10_000, gamma=gamma, seed=1000 + slot)
-    rows = np.arange(capacity, dtype=np.int32)
-    ids = np.tile(np.arange(10, 16, dtype=np.int32), (capacity, 1))
-    logp = np.tile(np.log(probs).astype(np.float32), (capacity, 1))
-    counts = np.zeros(len(probs))
-    for t in range(steps):
-        rho = target - t - 1
-        z = np.array([logit_of_length(rho + o, gamma) for o in offsets], np.float32)
-        slot, _, _ = core_step(batch, rows, ids, logp, np.tile(z, (capacity, 1)))
-        counts += np.bincount(slot, minlength=len(probs))
-    n = capacity * steps
-    expected = np.where(in_band, probs, 0.0) / probs[in_band].sum()
-    assert np.all(counts[~in_band] == 0), counts
-    # Bound: 5 binomial standard deviations per candidate (a false failure has probability < 1e-5 in all).
-    assert np.all(np.abs(counts / n - expected) <= 5 * np.sqrt(expected * (1 - expected) / n)), counts / n
+    assert_band_draws_follow_base_probabilities("equal_band", probs, offsets, np.abs(offsets) < 7.75, seed=1000)
 
 
 def band_settings_of(rng: np.random.Generator, gamma: float) -> dict:

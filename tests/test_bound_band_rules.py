@@ -18,6 +18,7 @@ from guidance_cases import (
     EOS,
     GAMMAS,
     admit_all,
+    assert_band_draws_follow_base_probabilities,
     compare_three_ways,
     core_step,
     quiet_float_errors,  # noqa: F401  (an autouse fixture)
@@ -27,7 +28,7 @@ from guidance_cases import (
 from oracle_runtime import EOS as ORACLE_EOS
 from oracle_runtime import oracle_runtime
 
-from lenvm_rt import LengthTarget, Sampling, _native
+from lenvm_rt import LengthTarget, Sampling
 from lenvm_rt.guidance import EosRule, Guidance
 from lenvm_rt.select_ref import (
     AT_LEAST,
@@ -134,26 +135,9 @@ def test_at_the_target_at_most_ends_and_at_least_follows_the_policy() -> None:
 
 
 def test_at_most_draws_follow_the_renormalised_base_probabilities_of_the_fitting_candidates() -> None:
-    gamma, capacity, steps, target = 0.997, 2000, 10, 41
     probs = np.array([0.35, 0.2, 0.15, 0.1, 0.1, 0.1])
     offsets = np.array([30.0, 3.0, -4.0, -20.0, 0.5, -1.0])  # l̂ - ρ
-    fits = offsets <= 0
-    batch = _native.GuidanceBatch(capacity, EOS)
-    for slot in range(capacity):
-        batch.admit(slot, rule="at_most_band", target=target, max_new=10_000, gamma=gamma, seed=500 + slot)
-    rows = np.arange(capacity, dtype=np.int32)
-    ids = np.tile(np.arange(10, 16, dtype=np.int32), (capacity, 1))
-    logp = np.tile(np.log(probs).astype(np.float32), (capacity, 1))
-    counts = np.zeros(len(probs))
-    for t in range(steps):
-        rho = target - t - 1
-        z = np.array([logit_of_length(rho + o, gamma) for o in offsets], np.float32)
-        slot, _, _ = core_step(batch, rows, ids, logp, np.tile(z, (capacity, 1)))
-        counts += np.bincount(slot, minlength=len(probs))
-    n = capacity * steps
-    expected = np.where(fits, probs, 0.0) / probs[fits].sum()
-    assert np.all(counts[~fits] == 0), counts
-    assert np.all(np.abs(counts / n - expected) <= 5 * np.sqrt(expected * (1 - expected) / n)), counts / n
+    assert_band_draws_follow_base_probabilities("at_most_band", probs, offsets, offsets <= 0, seed=500)
 
 
 def bound_settings_of(rng: np.random.Generator, gamma: float) -> dict:
