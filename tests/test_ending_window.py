@@ -29,8 +29,11 @@ def test_window_bounds_per_rule() -> None:
     assert ending_window(33) == 8 and ending_window(257) == 64 and ending_window(4) == 2  # max(2, ceil(N / 4))
     rule = rule_of(LengthTarget.at_most(32, "band"), LengthTarget.at_least(32, "band"),
                    LengthTarget.at_most(32, "strict"), LengthTarget.equal(32, "band"), None)
-    inside = {step: rule.ending(step)[0].tolist() for step in range(60)}
-    must = {step: rule.ending(step)[1].tolist() for step in range(60)}
+    none = [False] * 5
+    masks = {step: rule.ending(step) for step in range(60)}  # None: no row in its window yet
+    inside = {step: m[0].tolist() if m is not None else none for step, m in masks.items()}
+    must = {step: m[1].tolist() if m is not None else none for step, m in masks.items()}
+    assert [s for s, m in masks.items() if m is None] == list(range(24))  # the first window opens at step 24
     # At Most band, T = 33, W = 8: the 25th..32nd tokens (steps 24..31); the 33rd is the rule's own forced EOS
     assert [s for s in inside if inside[s][0]] == list(range(24, 32))
     # At Least band: from the target (33rd token, step 32) for W tokens, then it must end (step 40 on)
