@@ -141,6 +141,7 @@ class EosRule:
             elif g is not None and g.rule == AT_LEAST_BAND:
                 start[b] = g.target
                 stop[b] = end[b] = g.target + ending_window(g.target)
+        self.any_window = any(x != never for x in start)
         self.first_window_count = min(start, default=never)  # before it no row is in a window or must end
         self.window_start = torch.tensor(start, device=device)
         self.window_stop = torch.tensor(stop, device=device)
@@ -156,7 +157,7 @@ class EosRule:
     def ending(self, step: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(in_window[B], must_end[B]) for the token drawn at 0-based `step`; None when no row can be in its window
         (no band bound row, or an int step before every window: the candidate builder then skips the window)."""
-        if isinstance(step, int) and step + 1 < self.first_window_count:
+        if not self.any_window or (isinstance(step, int) and step + 1 < self.first_window_count):
             return None
         count = step + 1
         return (count >= self.window_start) & (count < self.window_stop), count >= self.must_end_at
