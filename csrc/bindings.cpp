@@ -54,32 +54,16 @@
 #include "errors.h"
 #include "guidance.h"
 #include "linear.h"
+#include "py_util.h"
 #include "rng.h"
 #include "thread_pool.h"
 #include "token_stats.h"
 #include "value_math.h"
 
-namespace py = pybind11;
-
 namespace {
 
-template <class T>
-using CArray = py::array_t<T, py::array::c_style>;
-
-// Runs `fn` with the GIL released. The GIL is taken back by a plain call, not by a destructor such as
-// py::gil_scoped_release's: during interpreter finalization CPython ends a daemon thread that asks for the
-// GIL with pthread_exit, whose forced unwind through a (noexcept) destructor would call std::terminate.
-template <class Fn>
-void without_gil(Fn&& fn) {
-    PyThreadState* const state = PyEval_SaveThread();
-    try {
-        fn();
-    } catch (...) {
-        PyEval_RestoreThread(state);
-        throw;
-    }
-    PyEval_RestoreThread(state);
-}
+using lenvm::py_util::CArray;
+using lenvm::py_util::without_gil;
 
 template <class T>
 void check_vector(const CArray<T>& a, const char* name, py::ssize_t length) {
@@ -345,6 +329,7 @@ void td_residual_map(const CArray<double>& u_prev, const CArray<double>& u_next,
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
+    bind_trunk(m);
     m.doc() = "Native core of lenvm_rt (C++17, numpy arrays only). Use lenvm_rt._native, not this module.";
     m.def("philox_uniform", &philox_uniform, py::arg("seeds").noconvert(), py::arg("offsets").noconvert(),
           py::arg("stream"), py::arg("out").noconvert(),

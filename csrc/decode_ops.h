@@ -3,6 +3,8 @@
 //
 // rms_norm(x[R, D], weight[D], eps, out[R, D])
 //   out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight, accumulated in double then rounded to float.
+// swiglu(gate_up[R, 2n], out[R, n])
+//   out = silu(gate) * up, the gated MLP's activation.
 // decode_attention(q[B, H, Dh], k_cache[Bc, Hkv, C, Dh], v_cache[Bc, Hkv, C, Dh], span[B], scale, out[B, H, Dh])
 //   Row b, head h attends to cache positions 0..span[b]-1 of KV head h / (H / Hkv) (grouped-query):
 //   out = softmax(scale · q·K^T) · V, scores and weights in float, softmax max-subtracted.
@@ -77,6 +79,22 @@ inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
+// SiLU-gated product of the MLP: out[r, i] = silu(gate_up[r, i]) * gate_up[r, n + i] for gate_up[R, 2n], out[R, n],
+// silu(x) = x * sigmoid(x) with sigmoid from exp(-|x|) (exp_nonpositive, relative error < 2e-7).
+inline void swiglu(const float* gate_up, float* out, std::int64_t rows, std::int64_t n) {
+    for (std::int64_t r = 0; r < rows; ++r) {
+        const float* gate = gate_up + r * 2 * n;
+        const float* up = gate + n;
+        float* o = out + r * n;
+        for (std::int64_t i = 0; i < n; ++i) {
+            const float x = gate[i];
+            const float e = exp_nonpositive(x < 0.0f ? x : -x);  // exp(-|x|)
+            const float sigmoid = (x < 0.0f ? e : 1.0f) / (1.0f + e);
+            o[i] = (x * sigmoid) * up[i];
+        }
+    }
+}
+
 // The g query heads q[g, Dh] that share one KV head, over n keys: key(t) / value(t) give the t-th key and
 // value vector, each read once for all g heads. out[g, Dh] is softmax(scale · q·K^T) · V with
 // max-subtracted float scores; scores is scratch of >= g·n floats.
@@ -116,17 +134,23 @@ inline float* thread_scratch(std::size_t which, std::int64_t n) {
     return buffer.data();
 }
 
+// One task of decode attention: row b = task / Hkv, KV head task % Hkv, its query heads over positions < span[b].
+inline void decode_attention_task(const float* q, const float* k_cache, const float* v_cache, const std::int32_t* span,
+                                  float scale, float* out, const AttentionShape& s, std::int64_t task) {
+    const std::int64_t group = s.heads / s.kv_heads, dh = s.head_dim;
+    const std::int64_t b = task / s.kv_heads, kv = task % s.kv_heads;
+    const float* k = k_cache + (b * s.kv_heads + kv) * s.capacity * dh;
+    const float* v = v_cache + (b * s.kv_heads + kv) * s.capacity * dh;
+    const std::int64_t head = b * s.heads + kv * group;  // first query head of this KV head
+    attend(q + head * dh, group, span[b], dh, scale, [&](std::int64_t t) { return k + t * dh; },
+           [&](std::int64_t t) { return v + t * dh; }, thread_scratch(0, group * s.capacity), out + head * dh);
+}
+
 // Rows x KV heads are independent tasks on the core's thread pool.
 inline void decode_attention(const float* q, const float* k_cache, const float* v_cache, const std::int32_t* span,
                              float scale, float* out, const AttentionShape& s) {
-    const std::int64_t group = s.heads / s.kv_heads, dh = s.head_dim;
     default_pool().run(s.batch * s.kv_heads, [&](std::int64_t task) {
-        const std::int64_t b = task / s.kv_heads, kv = task % s.kv_heads;
-        const float* k = k_cache + (b * s.kv_heads + kv) * s.capacity * dh;
-        const float* v = v_cache + (b * s.kv_heads + kv) * s.capacity * dh;
-        const std::int64_t head = b * s.heads + kv * group;  // first query head of this KV head
-        attend(q + head * dh, group, span[b], dh, scale, [&](std::int64_t t) { return k + t * dh; },
-               [&](std::int64_t t) { return v + t * dh; }, thread_scratch(0, group * s.capacity), out + head * dh);
+        decode_attention_task(q, k_cache, v_cache, span, scale, out, s, task);
     });
 }
 
@@ -139,30 +163,37 @@ inline void rope(const float* x, const float* cos, const float* sin, float* out,
     }
 }
 
-inline void rope_cache_attention(const float* qkv, const float* cos, const float* sin, float* k_cache, float* v_cache,
-                                 const std::int32_t* positions, float scale, float* out, const AttentionShape& s) {
+// The serial part of a decode step's attention: RoPE on q (into q_out[B, H, Dh]) and k, k and v written to cache
+// position p_b of row b, span[b] = p_b + 1.
+inline void rope_cache_write(const float* qkv, const float* cos, const float* sin, float* k_cache, float* v_cache,
+                             const std::int32_t* positions, float* q_out, std::int32_t* span, const AttentionShape& s) {
     const std::int64_t dh = s.head_dim, stride = (s.heads + 2 * s.kv_heads) * dh;
-    std::vector<float> q(static_cast<std::size_t>(s.batch * s.heads * dh));
-    std::vector<std::int32_t> span(static_cast<std::size_t>(s.batch));
     for (std::int64_t b = 0; b < s.batch; ++b) {
         const std::int64_t p = positions[b];
         const float* row = qkv + b * stride;
         const float *c = cos + p * dh, *sn = sin + p * dh;
-        for (std::int64_t h = 0; h < s.heads; ++h) rope(row + h * dh, c, sn, q.data() + (b * s.heads + h) * dh, dh);
+        for (std::int64_t h = 0; h < s.heads; ++h) rope(row + h * dh, c, sn, q_out + (b * s.heads + h) * dh, dh);
         for (std::int64_t j = 0; j < s.kv_heads; ++j) {
             const std::int64_t slot = ((b * s.kv_heads + j) * s.capacity + p) * dh;
             rope(row + (s.heads + j) * dh, c, sn, k_cache + slot, dh);
             std::copy(row + (s.heads + s.kv_heads + j) * dh, row + (s.heads + s.kv_heads + j + 1) * dh, v_cache + slot);
         }
-        span[static_cast<std::size_t>(b)] = static_cast<std::int32_t>(p + 1);
+        span[b] = static_cast<std::int32_t>(p + 1);
     }
+}
+
+inline void rope_cache_attention(const float* qkv, const float* cos, const float* sin, float* k_cache, float* v_cache,
+                                 const std::int32_t* positions, float scale, float* out, const AttentionShape& s) {
+    std::vector<float> q(static_cast<std::size_t>(s.batch * s.heads * s.head_dim));
+    std::vector<std::int32_t> span(static_cast<std::size_t>(s.batch));
+    rope_cache_write(qkv, cos, sin, k_cache, v_cache, positions, q.data(), span.data(), s);
     decode_attention(q.data(), k_cache, v_cache, span.data(), scale, out, s);
 }
 
-inline void rope_lookahead_attention(const float* qkv, const float* cos, const float* sin, const float* k_cache,
-                                     const float* v_cache, const std::int32_t* positions, std::int64_t k_cand,
-                                     float scale, float* out, float* k_new, float* v_new, const AttentionShape& s) {
-    const std::int64_t dh = s.head_dim, stride = (s.heads + 2 * s.kv_heads) * dh, group = s.heads / s.kv_heads;
+// The lookahead's serial part: the candidates' roped k and their v into k_new / v_new [B, Hkv, K, Dh].
+inline void lookahead_kv(const float* qkv, const float* cos, const float* sin, const std::int32_t* positions,
+                         std::int64_t k_cand, float* k_new, float* v_new, const AttentionShape& s) {
+    const std::int64_t dh = s.head_dim, stride = (s.heads + 2 * s.kv_heads) * dh;
     for (std::int64_t b = 0; b < s.batch; ++b) {
         const std::int64_t p = positions[b];
         const float *c = cos + p * dh, *sn = sin + p * dh;
@@ -176,19 +207,35 @@ inline void rope_lookahead_attention(const float* qkv, const float* cos, const f
             }
         }
     }
+}
+
+// One lookahead task: candidate j of row b and KV head kv (task = (b K + j) Hkv + kv), its query heads over the
+// row's cached positions < p_b and the candidate's own k / v (after lookahead_kv).
+inline void lookahead_attention_task(const float* qkv, const float* cos, const float* sin, const float* k_cache,
+                                     const float* v_cache, const std::int32_t* positions, std::int64_t k_cand,
+                                     float scale, float* out, const float* k_new, const float* v_new,
+                                     const AttentionShape& s, std::int64_t task) {
+    const std::int64_t dh = s.head_dim, stride = (s.heads + 2 * s.kv_heads) * dh, group = s.heads / s.kv_heads;
+    const std::int64_t kv = task % s.kv_heads, j = (task / s.kv_heads) % k_cand, b = task / (s.kv_heads * k_cand);
+    const std::int64_t p = positions[b];
+    const float* row = qkv + (b * k_cand + j) * stride;
+    float* q = thread_scratch(1, group * dh);
+    for (std::int64_t h = 0; h < group; ++h) rope(row + (kv * group + h) * dh, cos + p * dh, sin + p * dh, q + h * dh, dh);
+    const float* keys = k_cache + (b * s.kv_heads + kv) * s.capacity * dh;
+    const float* vals = v_cache + (b * s.kv_heads + kv) * s.capacity * dh;
+    const float* own_k = k_new + ((b * s.kv_heads + kv) * k_cand + j) * dh;
+    const float* own_v = v_new + ((b * s.kv_heads + kv) * k_cand + j) * dh;
+    attend(q, group, p + 1, dh, scale, [&](std::int64_t t) { return t < p ? keys + t * dh : own_k; },
+           [&](std::int64_t t) { return t < p ? vals + t * dh : own_v; }, thread_scratch(0, group * (s.capacity + 1)),
+           out + (b * k_cand + j) * s.heads * dh + kv * group * dh);
+}
+
+inline void rope_lookahead_attention(const float* qkv, const float* cos, const float* sin, const float* k_cache,
+                                     const float* v_cache, const std::int32_t* positions, std::int64_t k_cand,
+                                     float scale, float* out, float* k_new, float* v_new, const AttentionShape& s) {
+    lookahead_kv(qkv, cos, sin, positions, k_cand, k_new, v_new, s);
     default_pool().run(s.batch * k_cand * s.kv_heads, [&](std::int64_t task) {
-        const std::int64_t kv = task % s.kv_heads, j = (task / s.kv_heads) % k_cand, b = task / (s.kv_heads * k_cand);
-        const std::int64_t p = positions[b];
-        const float* row = qkv + (b * k_cand + j) * stride;
-        float* q = thread_scratch(1, group * dh);
-        for (std::int64_t h = 0; h < group; ++h) rope(row + (kv * group + h) * dh, cos + p * dh, sin + p * dh, q + h * dh, dh);
-        const float* keys = k_cache + (b * s.kv_heads + kv) * s.capacity * dh;
-        const float* vals = v_cache + (b * s.kv_heads + kv) * s.capacity * dh;
-        const float* own_k = k_new + ((b * s.kv_heads + kv) * k_cand + j) * dh;
-        const float* own_v = v_new + ((b * s.kv_heads + kv) * k_cand + j) * dh;
-        attend(q, group, p + 1, dh, scale, [&](std::int64_t t) { return t < p ? keys + t * dh : own_k; },
-               [&](std::int64_t t) { return t < p ? vals + t * dh : own_v; }, thread_scratch(0, group * (s.capacity + 1)),
-               out + (b * k_cand + j) * s.heads * dh + kv * group * dh);
+        lookahead_attention_task(qkv, cos, sin, k_cache, v_cache, positions, k_cand, scale, out, k_new, v_new, s, task);
     });
 }
 

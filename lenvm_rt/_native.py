@@ -12,6 +12,8 @@ Contract:
     GuidanceBatch(capacity, eos_ids): length-guided selection (rules of `select_ref.select_row`) for a slot
         table of requests; `step(rows, cand_ids, cand_logp, cand_z, out_slot, out_token, out_done)` is the one
         native call per decode step for the whole batch, GIL released.
+    Trunk(layers, hidden, heads, kv_heads, head_dim, intermediate, eps, scale, weights): the decoder layers of a
+        Llama / Qwen2 / Qwen3 model in fp32 (csrc/trunk.h); `decode` and `lookahead` run every layer in one call.
 Arrays must be C-contiguous numpy arrays of exactly the stated dtype and rank (no silent conversion); a
 mismatch raises ValueError naming the argument.
 """
@@ -263,3 +265,6 @@ def rope_lookahead_attention(qkv: np.ndarray, cos: np.ndarray, sin: np.ndarray, 
     """Tree-masked lookahead attention (csrc/decode_ops.h); float32, positions int32[B]."""
     _core.rope_lookahead_attention(qkv, cos, sin, k_cache, v_cache, positions, int(heads), float(scale), out, k_new,
                                    v_new)
+
+
+Trunk = _core.Trunk

@@ -8,6 +8,8 @@ Contract:
         are fine); the result is a new tensor. No autograd: inputs that require grad are refused while grad
         mode is on and detached otherwise. Bad inputs raise ValueError naming the argument.
     set_num_threads(n) / get_num_threads(): threads of the native pool, calling thread included.
+    Trunk(cfg, layers): every decoder layer of a decode step or a lookahead in one native call (csrc/trunk.h);
+        the arrays it reads are views of the torch tensors it was given (weights, caches), kept alive by it.
 
 The fast path converts and calls without checks (~100 calls per decode step); only when the core refuses
 an input does `_diagnose` look at the tensors to name the argument.
@@ -15,10 +17,20 @@ an input does `_diagnose` look at the tensors to name the argument.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from . import _native
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
+    from .weights import LayerWeights
+
+_TRUNK_FIELDS = ("input_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "o_bias", "post_norm", "gate_up",
+                 "gate_up_bias", "down", "down_bias")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,3 +136,43 @@ def rope_lookahead_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     _native.rope_lookahead_attention(rows, cos.numpy(), sin.numpy(), k_cache.numpy(), v_cache.numpy(), positions,
                                      heads, scale, out, k_new, v_new)
     return torch.from_numpy(out).view(B, k, -1), torch.from_numpy(k_new), torch.from_numpy(v_new)
+
+
+class Trunk:
+    """The decoder layers on the native core for CPU fp32 weights (csrc/trunk.h).
+
+        trunk = Trunk(cfg, layers, scale)                 # scale: the attention's 1 / sqrt(Dh)
+        trunk.set_cache(k_cache, v_cache, cos, sin)      # per layer [Bc, Hkv, C, Dh]; tables [C, Dh]
+        x = trunk.decode(x[B, D], positions int32[B])    # -> new hidden states [B, D]; the cache gets the tokens
+        x, pending = trunk.lookahead(x[B, K, D], positions int32[B])
+                                                         # -> [B, K, D] and the candidates' K/V (cache untouched)
+        trunk.commit(pending, slot int64[B], positions)  # candidate slot[b]'s K/V into position positions[b]
+    """
+
+    def __init__(self, cfg: ModelConfig, layers: Sequence[LayerWeights], scale: float) -> None:
+        self.cfg = cfg
+        weights = [tuple(None if getattr(layer, f) is None else getattr(layer, f).numpy() for f in _TRUNK_FIELDS)
+                   for layer in layers]
+        self._core = _native.Trunk(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                   cfg.intermediate_size, cfg.rms_norm_eps, scale, weights)
+
+    def set_cache(self, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], cos: torch.Tensor,
+                  sin: torch.Tensor) -> None:
+        self._core.set_cache([t.numpy() for t in k], [t.numpy() for t in v], cos.numpy(), sin.numpy())
+
+    def decode(self, x: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+        out = x.reshape(x.shape[0], -1).numpy().copy()
+        self._core.decode(out, positions)
+        return torch.from_numpy(out)
+
+    def lookahead(self, x: torch.Tensor, positions: np.ndarray) -> tuple[torch.Tensor, tuple[np.ndarray, np.ndarray]]:
+        B, K, D = x.shape
+        cfg = self.cfg
+        out = x.reshape(B * K, D).numpy().copy()
+        k_new = np.empty((cfg.num_layers, B, cfg.num_kv_heads, K, cfg.head_dim), dtype=np.float32)
+        v_new = np.empty_like(k_new)
+        self._core.lookahead(out, positions, k_new, v_new)
+        return torch.from_numpy(out).view(B, K, D), (k_new, v_new)
+
+    def commit(self, pending: tuple[np.ndarray, np.ndarray], slot: torch.Tensor, positions: np.ndarray) -> None:
+        self._core.commit(pending[0], pending[1], slot.to(torch.int64).contiguous().numpy(), positions)

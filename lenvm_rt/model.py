@@ -89,6 +89,9 @@ class CausalLM:
         self._cos = torch.empty(0)
         self._sin = torch.empty(0)
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer candidate (k, v) [B, Hkv, K, Dh]
+        # CPU fp32: decode steps and lookaheads of up to NATIVE_MAX_ROWS rows run every layer in one native call
+        self._trunk = cpu_ops.Trunk(cfg, weights.layers, self.scale) if self._native_linear else None
+        self._pending_native: tuple[np.ndarray, np.ndarray] | None = None  # the native lookahead's K/V
 
     # ---- memory -------------------------------------------------------------------------------
     def allocate(self, *, batch: int, capacity: int) -> None:
@@ -106,6 +109,8 @@ class CausalLM:
         self._cos = angles.cos().to(self.device, self.dtype)
         self._sin = angles.sin().to(self.device, self.dtype)
         self.batch_capacity, self.capacity = batch, capacity
+        if self._trunk is not None:
+            self._trunk.set_cache(self.k_cache, self.v_cache, self._cos, self._sin)
 
     # ---- forward pieces -------------------------------------------------------------------------
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -192,6 +197,8 @@ class CausalLM:
         cfg = self.cfg
         B = ids.shape[0]
         x = F.embedding(ids.view(B, 1), self.w.embed)  # [B, 1, D]
+        if self._trunk is not None and B <= NATIVE_MAX_ROWS:
+            return self._trunk.decode(x, np.array(positions, dtype=np.int32))
         if self._native_linear and not cfg.qk_norm:
             return self._native_decode_layers(x, np.array(positions, dtype=np.int32))
         G = cfg.num_heads // cfg.num_kv_heads
@@ -286,7 +293,10 @@ class CausalLM:
             pos = pos_tensor if pos_tensor is not None else torch.tensor(positions, device=self.device)
             mask = self._key_mask(pos, span, through=False)
         x = F.embedding(cand, self.w.embed)  # [B, K, D]
-        self._pending = []
+        self._pending, self._pending_native = [], None
+        if self._trunk is not None and B * K <= NATIVE_MAX_ROWS:
+            x, self._pending_native = self._trunk.lookahead(x, np.array(positions, dtype=np.int32))
+            return x
         if self._native_linear and not cfg.qk_norm:
             return self._native_lookahead_layers(x, np.array(positions, dtype=np.int32))
         for i, layer in enumerate(self.w.layers):
@@ -308,6 +318,10 @@ class CausalLM:
 
     def commit(self, slot: torch.Tensor, positions: list[int], pos_tensor: torch.Tensor | None = None) -> None:
         """Store candidate slot[b] of the last lookahead at cache position positions[b] of row b."""
+        if self._pending_native is not None:
+            self._trunk.commit(self._pending_native, slot, np.array(positions, dtype=np.int32))
+            self._pending_native = None
+            return
         if not self._pending:
             raise RuntimeError("commit() without a preceding lookahead()")
         B = slot.shape[0]

@@ -1,0 +1,33 @@
+// pybind11 helpers shared by the binding files of `lenvm_rt._core`.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+namespace lenvm::py_util {
+
+// A C-contiguous numpy array of exactly T (with .noconvert(): no silent copy or cast).
+template <class T>
+using CArray = py::array_t<T, py::array::c_style>;
+
+// Runs `fn` with the GIL released. The GIL is taken back by a plain call, not by a destructor such as
+// py::gil_scoped_release's: during interpreter finalization CPython ends a daemon thread that asks for the
+// GIL with pthread_exit, whose forced unwind through a (noexcept) destructor would call std::terminate.
+template <class Fn>
+void without_gil(Fn&& fn) {
+    PyThreadState* const state = PyEval_SaveThread();
+    try {
+        fn();
+    } catch (...) {
+        PyEval_RestoreThread(state);
+        throw;
+    }
+    PyEval_RestoreThread(state);
+}
+
+}  // namespace lenvm::py_util
+
+// Registers lenvm_rt._core.Trunk (csrc/trunk_bindings.cpp).
+void bind_trunk(py::module_& m);

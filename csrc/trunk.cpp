@@ -1,0 +1,226 @@
+// The native decoder layers (contract in trunk.h).
+//
+// Structure: the matrix products go to lenvm::linear (its own kernels and threading); the rest of a layer (norms,
+// SwiGLU, attention) runs through a small table of row- or task-level functions, built once per process in a
+// portable and an AVX2 + FMA build of the same code. This file is compiled with -ffp-contract=off (CMakeLists.txt),
+// so the AVX2 build only widens the vectors and rounds every operation as the portable one does.
+#include "trunk.h"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "cpu_features.h"
+#include "decode_ops.h"
+#include "linear.h"
+#include "thread_pool.h"
+
+namespace lenvm {
+
+namespace {
+
+struct DecodeAttention {
+    const float *q, *k_cache, *v_cache;
+    const std::int32_t* span;
+    float scale;
+    float* out;
+    AttentionShape shape;
+};
+
+struct LookaheadAttention {
+    const float *qkv, *cos, *sin, *k_cache, *v_cache;
+    const std::int32_t* positions;
+    std::int64_t k_cand;
+    float scale;
+    float* out;
+    const float *k_new, *v_new;
+    AttentionShape shape;
+};
+
+struct ElementwiseKernels {
+    void (*rms_norm)(const float* x, const float* weight, float eps, float* out, std::int64_t rows, std::int64_t d);
+    void (*swiglu)(const float* gate_up, float* out, std::int64_t rows, std::int64_t n);
+    void (*decode_task)(const DecodeAttention& a, std::int64_t task);
+    void (*lookahead_task)(const LookaheadAttention& a, std::int64_t task);
+};
+
+void rms_norm_portable(const float* x, const float* w, float eps, float* out, std::int64_t rows, std::int64_t d) {
+    rms_norm(x, w, eps, out, rows, d);
+}
+void swiglu_portable(const float* gate_up, float* out, std::int64_t rows, std::int64_t n) {
+    swiglu(gate_up, out, rows, n);
+}
+void decode_task_portable(const DecodeAttention& a, std::int64_t task) {
+    decode_attention_task(a.q, a.k_cache, a.v_cache, a.span, a.scale, a.out, a.shape, task);
+}
+void lookahead_task_portable(const LookaheadAttention& a, std::int64_t task) {
+    lookahead_attention_task(a.qkv, a.cos, a.sin, a.k_cache, a.v_cache, a.positions, a.k_cand, a.scale, a.out,
+                             a.k_new, a.v_new, a.shape, task);
+}
+
+#if LENVM_HAS_X86
+// `flatten` inlines the shared inline code into these bodies, where it is compiled for AVX2 + FMA.
+#define LENVM_AVX2_FLAT LENVM_AVX2_FMA __attribute__((flatten))
+LENVM_AVX2_FLAT void rms_norm_avx2(const float* x, const float* w, float eps, float* out, std::int64_t rows,
+                                   std::int64_t d) {
+    rms_norm(x, w, eps, out, rows, d);
+}
+LENVM_AVX2_FLAT void swiglu_avx2(const float* gate_up, float* out, std::int64_t rows, std::int64_t n) {
+    swiglu(gate_up, out, rows, n);
+}
+LENVM_AVX2_FLAT void decode_task_avx2(const DecodeAttention& a, std::int64_t task) {
+    decode_attention_task(a.q, a.k_cache, a.v_cache, a.span, a.scale, a.out, a.shape, task);
+}
+LENVM_AVX2_FLAT void lookahead_task_avx2(const LookaheadAttention& a, std::int64_t task) {
+    lookahead_attention_task(a.qkv, a.cos, a.sin, a.k_cache, a.v_cache, a.positions, a.k_cand, a.scale, a.out,
+                             a.k_new, a.v_new, a.shape, task);
+}
+#undef LENVM_AVX2_FLAT
+#endif
+
+const ElementwiseKernels& kernels() {
+    static const ElementwiseKernels selected = [] {
+#if LENVM_HAS_X86
+        if (std::string(linear_kernel_name()) == "avx2_fma")
+            return ElementwiseKernels{rms_norm_avx2, swiglu_avx2, decode_task_avx2, lookahead_task_avx2};
+#endif
+        return ElementwiseKernels{rms_norm_portable, swiglu_portable, decode_task_portable, lookahead_task_portable};
+    }();
+    return selected;
+}
+
+// Rows of an elementwise pass per pool task: one task below kSerialElements elements.
+constexpr std::int64_t kSerialElements = 64 * 1024;
+
+template <class Fn>
+void over_rows(std::int64_t rows, std::int64_t row_elements, Fn&& fn) {
+    ThreadPool& pool = default_pool();
+    const std::int64_t tasks = std::min<std::int64_t>(
+        std::max<std::int64_t>(rows * row_elements / kSerialElements, 1), rows);
+    if (tasks <= 1 || pool.num_threads() == 1) {
+        fn(0, rows);
+        return;
+    }
+    const std::int64_t per_task = (rows + tasks - 1) / tasks;
+    pool.run(tasks, [&](std::int64_t task) {
+        const std::int64_t begin = task * per_task;
+        if (begin < rows) fn(begin, std::min(rows, begin + per_task));
+    });
+}
+
+void add_into(float* x, const float* y, std::int64_t n) {
+    for (std::int64_t i = 0; i < n; ++i) x[i] += y[i];
+}
+
+}  // namespace
+
+Trunk::Trunk(const TrunkShape& shape, std::vector<TrunkLayer> layers) : shape_(shape), layers_(std::move(layers)) {}
+
+void Trunk::set_cache(const TrunkCache& cache) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    cache_ = cache;
+}
+
+void Trunk::reserve(std::int64_t m) {
+    const TrunkShape& s = shape_;
+    const auto grow = [](auto& buffer, std::int64_t n) {
+        if (static_cast<std::int64_t>(buffer.size()) < n) buffer.resize(static_cast<std::size_t>(n));
+    };
+    grow(norm_, m * s.hidden);
+    grow(qkv_, m * (s.heads + 2 * s.kv_heads) * s.head_dim);
+    grow(attn_, m * s.heads * s.head_dim);
+    grow(q_, m * s.heads * s.head_dim);
+    grow(proj_, m * s.hidden);
+    grow(gate_up_, m * 2 * s.intermediate);
+    grow(act_, m * s.intermediate);
+    grow(span_, m);
+}
+
+void Trunk::attention_input(const TrunkLayer& layer, const float* x, std::int64_t m) {
+    const TrunkShape& s = shape_;
+    const ElementwiseKernels& k = kernels();
+    const std::int64_t dh = s.head_dim, width = (s.heads + 2 * s.kv_heads) * dh;
+    over_rows(m, s.hidden, [&](std::int64_t a, std::int64_t b) {
+        k.rms_norm(x + a * s.hidden, layer.input_norm, s.eps, norm_.data() + a * s.hidden, b - a, s.hidden);
+    });
+    linear(norm_.data(), layer.qkv, layer.qkv_bias, qkv_.data(), m, width, s.hidden, default_pool());
+    if (layer.q_norm == nullptr) return;
+    for (std::int64_t r = 0; r < m; ++r) {  // per-head norms in place: rows of Dh
+        float* row = qkv_.data() + r * width;
+        k.rms_norm(row, layer.q_norm, s.eps, row, s.heads, dh);
+        k.rms_norm(row + s.heads * dh, layer.k_norm, s.eps, row + s.heads * dh, s.kv_heads, dh);
+    }
+}
+
+void Trunk::mlp_residual(const TrunkLayer& layer, float* x, std::int64_t m) {
+    const TrunkShape& s = shape_;
+    const ElementwiseKernels& k = kernels();
+    ThreadPool& pool = default_pool();
+    linear(attn_.data(), layer.o, layer.o_bias, proj_.data(), m, s.hidden, s.heads * s.head_dim, pool);
+    add_into(x, proj_.data(), m * s.hidden);
+    over_rows(m, s.hidden, [&](std::int64_t a, std::int64_t b) {
+        k.rms_norm(x + a * s.hidden, layer.post_norm, s.eps, norm_.data() + a * s.hidden, b - a, s.hidden);
+    });
+    linear(norm_.data(), layer.gate_up, layer.gate_up_bias, gate_up_.data(), m, 2 * s.intermediate, s.hidden, pool);
+    over_rows(m, 2 * s.intermediate, [&](std::int64_t a, std::int64_t b) {
+        k.swiglu(gate_up_.data() + a * 2 * s.intermediate, act_.data() + a * s.intermediate, b - a, s.intermediate);
+    });
+    linear(act_.data(), layer.down, layer.down_bias, proj_.data(), m, s.hidden, s.intermediate, pool);
+    add_into(x, proj_.data(), m * s.hidden);
+}
+
+void Trunk::decode(float* x, const std::int32_t* positions, std::int64_t rows) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    const TrunkShape& s = shape_;
+    const AttentionShape shape{rows, s.heads, s.kv_heads, s.head_dim, cache_.capacity};
+    reserve(rows);
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+        attention_input(layers_[l], x, rows);
+        rope_cache_write(qkv_.data(), cache_.cos, cache_.sin, cache_.k[l], cache_.v[l], positions, q_.data(),
+                         span_.data(), shape);
+        const DecodeAttention args{q_.data(), cache_.k[l], cache_.v[l], span_.data(), s.scale, attn_.data(), shape};
+        const auto task = kernels().decode_task;
+        default_pool().run(rows * s.kv_heads, [&](std::int64_t t) { task(args, t); });
+        mlp_residual(layers_[l], x, rows);
+    }
+}
+
+void Trunk::lookahead(float* x, const std::int32_t* positions, std::int64_t rows, std::int64_t k_cand, float* k_new,
+                      float* v_new) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    const TrunkShape& s = shape_;
+    const AttentionShape shape{rows, s.heads, s.kv_heads, s.head_dim, cache_.capacity};
+    const std::int64_t m = rows * k_cand, per_layer = rows * s.kv_heads * k_cand * s.head_dim;
+    reserve(m);
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+        float* kn = k_new + static_cast<std::int64_t>(l) * per_layer;
+        float* vn = v_new + static_cast<std::int64_t>(l) * per_layer;
+        attention_input(layers_[l], x, m);
+        lookahead_kv(qkv_.data(), cache_.cos, cache_.sin, positions, k_cand, kn, vn, shape);
+        const LookaheadAttention args{qkv_.data(), cache_.cos, cache_.sin, cache_.k[l], cache_.v[l], positions,
+                                      k_cand,      s.scale,    attn_.data(), kn,        vn,          shape};
+        const auto task = kernels().lookahead_task;
+        default_pool().run(m * s.kv_heads, [&](std::int64_t t) { task(args, t); });
+        mlp_residual(layers_[l], x, m);
+    }
+}
+
+void Trunk::commit(const float* k_new, const float* v_new, const std::int64_t* slot, const std::int32_t* positions,
+                   std::int64_t rows, std::int64_t k_cand) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    const TrunkShape& s = shape_;
+    const std::int64_t dh = s.head_dim, per_layer = rows * s.kv_heads * k_cand * dh;
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+        for (std::int64_t b = 0; b < rows; ++b) {
+            for (std::int64_t kv = 0; kv < s.kv_heads; ++kv) {
+                const std::int64_t from = static_cast<std::int64_t>(l) * per_layer + ((b * s.kv_heads + kv) * k_cand +
+                                                                                      slot[b]) * dh;
+                const std::int64_t to = ((b * s.kv_heads + kv) * cache_.capacity + positions[b]) * dh;
+                std::memcpy(cache_.k[l] + to, k_new + from, static_cast<std::size_t>(dh) * sizeof(float));
+                std::memcpy(cache_.v[l] + to, v_new + from, static_cast<std::size_t>(dh) * sizeof(float));
+            }
+        }
+    }
+}
+
+}  // namespace lenvm
