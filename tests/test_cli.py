@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from checkpoints import make_checkpoint
@@ -52,6 +53,21 @@ def test_import_needs_neither_triton_nor_a_gpu():
             "import torch; assert not torch.cuda.is_initialized(); print('ok')")
     out = run_python(code, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_import_sets_a_sleeping_openmp_wait_policy_before_torch_loads_unless_one_is_set():
+    # the OpenMP runtime reads the policy when torch loads it: record the variable at torch's first import
+    code = ("import os, sys\n"
+            "seen = []\n"
+            "class Spy:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch' and not seen: seen.append(os.environ.get('OMP_WAIT_POLICY'))\n"
+            "sys.meta_path.insert(0, Spy())\n"
+            "import lenvm_rt\n"
+            "print(seen[0])")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    assert run_python(code, env=env, timeout=120).stdout.strip() == "PASSIVE"
+    assert run_python(code, env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, timeout=120).stdout.strip() == "ACTIVE"
 
 
 @pytest.fixture(scope="module")
