@@ -15,6 +15,8 @@
 // linear_kernel() -> str
 //   "avx2_fma" or "scalar": the kernel linear() uses in this process.
 //
+// token_stats(logits: float32[R, V], tokens: int64[R] or int64[R, W], logp: float64 like tokens, rank: int64 like
+//             tokens) -> None: log-probability and rank of chosen tokens (csrc/token_stats.h), GIL released.
 // rms_norm(x: float32[R, D], weight: float32[D], eps: float, out: float32[R, D]) -> None
 // decode_attention(q: float32[B, H, Dh], k_cache: float32[Bc, Hkv, C, Dh], v_cache: same, span: int32[B],
 //                  scale: float, out: float32[B, H, Dh]) -> None
@@ -196,19 +198,25 @@ void token_stats_py(const CArray<float>& logits, const CArray<std::int64_t>& tok
                     CArray<std::int64_t>& rank) {
     lenvm::check(logits.ndim() == 2 && logits.shape(1) > 0, "logits", "a 2-D array [R, V], V >= 1", logits.ndim());
     const auto rows = logits.shape(0), vocab = logits.shape(1);
-    lenvm::check(tokens.ndim() == 1 && tokens.shape(0) == rows, "tokens", "int64[R] matching logits", tokens.ndim());
-    for (py::ssize_t r = 0; r < rows; ++r)
-        lenvm::check_index(tokens.data()[r] >= 0 && tokens.data()[r] < vocab, "tokens", "ids in [0, V)",
-                           tokens.data()[r]);
-    lenvm::check(logp.ndim() == 1 && logp.shape(0) == rows && logp.writeable(), "logp", "a writeable float64[R]",
-                 logp.ndim());
-    lenvm::check(rank.ndim() == 1 && rank.shape(0) == rows && rank.writeable(), "rank", "a writeable int64[R]",
-                 rank.ndim());
+    lenvm::check((tokens.ndim() == 1 || (tokens.ndim() == 2 && tokens.shape(1) >= 1)) && tokens.shape(0) == rows,
+                 "tokens", "int64[R] or int64[R, W] matching logits", tokens.ndim());
+    const py::ssize_t width = tokens.ndim() == 2 ? tokens.shape(1) : 1;
+    for (py::ssize_t i = 0; i < rows * width; ++i)
+        lenvm::check_index(tokens.data()[i] >= 0 && tokens.data()[i] < vocab, "tokens", "ids in [0, V)",
+                           tokens.data()[i]);
+    const auto shaped_like_tokens = [&](const py::array& a) {
+        if (a.ndim() != tokens.ndim() || !a.writeable()) return false;
+        for (py::ssize_t d = 0; d < a.ndim(); ++d)
+            if (a.shape(d) != tokens.shape(d)) return false;
+        return true;
+    };
+    lenvm::check(shaped_like_tokens(logp), "logp", "a writeable float64 array shaped like tokens", logp.ndim());
+    lenvm::check(shaped_like_tokens(rank), "rank", "a writeable int64 array shaped like tokens", rank.ndim());
     const float* lp = logits.data();
     const std::int64_t* tp = tokens.data();
     double* op = logp.mutable_data();
     std::int64_t* rp = rank.mutable_data();
-    without_gil([&] { lenvm::token_stats(lp, tp, rows, vocab, op, rp); });
+    without_gil([&] { lenvm::token_stats(lp, tp, rows, width, vocab, op, rp); });
 }
 
 void decode_attention_py(const CArray<float>& q, const CArray<float>& k_cache, const CArray<float>& v_cache,
@@ -361,9 +369,9 @@ PYBIND11_MODULE(_core, m) {
           py::arg("out").noconvert(), "out = x / sqrt(mean(x**2) + eps) * weight per row (float32).");
     m.def("token_stats", &token_stats_py, py::arg("logits").noconvert(), py::arg("tokens").noconvert(),
           py::arg("logp").noconvert(), py::arg("rank").noconvert(),
-          "Per row r: logp[r] = log softmax(logits[r])[tokens[r]] (float64) and rank[r] = 1 + the count of\n"
-          "logits[r] strictly above the chosen one (int64); logits float32 [R, V]. NaN logp for a row with NaN\n"
-          "or +inf.");
+          "Per row r and chosen token t = tokens[r] (int64[R]) or tokens[r, i] (int64[R, W]): logp = log\n"
+          "softmax(logits[r])[t] (float64) and rank = 1 + the count of logits[r] strictly above logits[r, t]\n"
+          "(int64), shaped like tokens; logits float32 [R, V], one pass per row. NaN logp for a row with NaN or +inf.");
     m.def("decode_attention", &decode_attention_py, py::arg("q").noconvert(), py::arg("k_cache").noconvert(),
           py::arg("v_cache").noconvert(), py::arg("span").noconvert(), py::arg("scale"), py::arg("out").noconvert(),
           "One query per row and head over cache positions 0..span[b]-1, grouped-query, float32.");

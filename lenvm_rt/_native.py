@@ -243,7 +243,8 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray) -> 
 
 def token_stats(logits: np.ndarray, tokens: np.ndarray, logp: np.ndarray, rank: np.ndarray) -> None:
     """logp[r] = log softmax(logits[r])[tokens[r]] and rank[r] = 1 + #(logits[r] > the chosen logit)
-    (csrc/token_stats.h); logits float32 [R, V], tokens int64 [R] in [0, V), logp float64 [R], rank int64 [R]."""
+    (csrc/token_stats.h); logits float32 [R, V], tokens int64 [R] or [R, W] in [0, V), logp float64 and rank int64
+    shaped like tokens."""
     _core.token_stats(logits, tokens, logp, rank)
 
 

@@ -94,10 +94,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def token_stats(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen-token statistics of contiguous fp32 CPU logits[R, V] and int64 tokens[R]: (log p float64 [R],
-    1-based rank int64 [R]), in one native pass per row."""
-    logp = np.empty(logits.shape[0], dtype=np.float64)
-    rank = np.empty(logits.shape[0], dtype=np.int64)
+    """Chosen-token statistics of contiguous fp32 CPU logits[R, V] and int64 tokens[R] or [R, W]: (log p float64,
+    1-based rank int64), both shaped like tokens, in one native pass per row."""
+    logp = np.empty(tuple(tokens.shape), dtype=np.float64)
+    rank = np.empty(tuple(tokens.shape), dtype=np.int64)
     _native.token_stats(logits.numpy(), tokens.numpy(), logp, rank)
     return torch.from_numpy(logp), torch.from_numpy(rank)
 

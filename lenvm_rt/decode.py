@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from . import cpu_ops
@@ -82,20 +83,26 @@ class _Rows:
         self.max_new = max_new_tokens
         self.eos = eos_ids
 
-    def emit(self, step: int, tokens: torch.Tensor, logits: torch.Tensor,
+    def emit(self, step: int, tokens: list[int], logp: list[float], rank: list[int],
              remaining: list[float] | None) -> list[Emitted | None]:
-        logp, rank = token_stats(logits, tokens)
-        # one device-to-host transfer per step for the ids, log-probabilities and ranks
-        ids, logp, rank = torch.stack((tokens.double(), logp.double(), rank.double())).tolist()
+        """Host values of one step -> the rows' Emitted (None for rows already finished); remaining is 0 after EOS."""
         out: list[Emitted | None] = []
-        for b, token in enumerate(map(int, ids)):
+        for b, token in enumerate(tokens):
             if not self.running[b]:
                 out.append(None)
                 continue
-            reason = "stop" if token in self.eos else ("length" if step + 1 == self.max_new else None)
+            eos = token in self.eos
+            reason = "stop" if eos else ("length" if step + 1 == self.max_new else None)
             self.running[b] = reason is None
-            out.append((token, reason, None if remaining is None else remaining[b], logp[b], int(rank[b])))
+            out.append((token, reason, None if remaining is None else (0.0 if eos else remaining[b]), logp[b], rank[b]))
         return out
+
+
+def chosen_stats(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[list[int], list[float], list[int]]:
+    """(tokens, log p, rank) of each row's token as host lists, in one device-to-host transfer."""
+    logp, rank = token_stats(logits, tokens)
+    ids, logp, rank = torch.stack((tokens.double(), logp.double(), rank.double())).tolist()
+    return [int(t) for t in ids], logp, [int(r) for r in rank]
 
 
 def token_stats(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,6 +117,37 @@ def token_stats(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tenso
     logp = chosen.squeeze(1) - torch.logsumexp(logits, dim=-1)
     rank = (logits > chosen).sum(dim=-1) + 1
     return logp, rank
+
+
+CandidateStats = tuple[np.ndarray, np.ndarray, np.ndarray]  # candidate ids, log p, rank: [B, K] each
+
+
+def cpu_candidate_stats(logits: torch.Tensor, cand: torch.Tensor) -> CandidateStats | None:
+    """(ids, log p, rank) [B, K] of every candidate under the policy's logits, for CPU fp32 logits (one native pass
+    per row); None elsewhere, where the chosen tokens' statistics are taken after the choice."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or not logits.is_contiguous():
+        return None
+    logp, rank = cpu_ops.token_stats(logits, cand)
+    return cand.numpy(), logp.numpy(), rank.numpy()
+
+
+def _host_values(logits: torch.Tensor, tokens: torch.Tensor, slot: torch.Tensor, z: torch.Tensor, gamma: float,
+                 cand_stats: CandidateStats | None) -> tuple[list[int], list[float], list[int], list[float]]:
+    """The step's tokens, their log p and rank, and the predicted remaining length after each chosen candidate."""
+    if cand_stats is not None:  # CPU: a few list conversions and Python floats, no torch op per value
+        slots, ids, zs = slot.tolist(), tokens.tolist(), z.tolist()
+        remaining = [remaining_from_logit(zs[b][s], gamma) for b, s in enumerate(slots)]
+        cand, logp, rank = cand_stats
+        if all(cand[b, s] == t for b, (s, t) in enumerate(zip(slots, ids))):
+            return (ids, [float(logp[b, s]) for b, s in enumerate(slots)],
+                    [int(rank[b, s]) for b, s in enumerate(slots)], remaining)
+        # an EOS the controller forced outside the candidates: statistics of the tokens themselves
+        return [*chosen_stats(logits, tokens), remaining]
+    remaining = remaining_from_logit(z, gamma)  # [B, K]
+    chosen = remaining.gather(1, slot.view(-1, 1)).squeeze(1)
+    logp, rank = token_stats(logits, tokens)
+    ids, logp, rank, rem = torch.stack((tokens.double(), logp.double(), rank.double(), chosen.double())).tolist()
+    return [int(t) for t in ids], logp, [int(r) for r in rank], rem
 
 
 def live_width(filled: torch.Tensor, guided: torch.Tensor) -> int:
@@ -146,7 +184,7 @@ def _plain(model: CausalLM, prompts: list[list[int]], samplings: list[Sampling],
         for step in range(max_new_tokens):
             logits = model.logits(x)
             next_ids = chooser(logits, [step] * B)
-            yield rows.emit(step, next_ids, logits, None)  # the one host sync per step
+            yield rows.emit(step, *chosen_stats(logits, next_ids), None)  # the one host sync per step
             if not any(rows.running):
                 return
             x = model.decode_step(next_ids, positions, pos)
@@ -175,7 +213,6 @@ def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], sampli
                              chooser.seeds[guided], max_new_tokens, value.gamma, eos_ids, dev) if guided else None
     eos_rule = EosRule(guidances, dev)
     rows = _Rows(B, max_new_tokens, eos_ids)
-    eos_list = torch.tensor(sorted(eos_ids), device=dev)
     with torch.inference_mode():
         prompt_ids = ids.to(dev)
         x = model.prefill(prompt_ids, lengths)
@@ -194,6 +231,12 @@ def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], sampli
             width = live_width(filled, guided_mask)
             cand, logp = cand[:, :width], logp[:, :width]
             cand = torch.where(unguided.view(-1, 1), plain.view(-1, 1), cand)
+            # CPU: log p and rank of every candidate now, while the logits are in cache (the lookahead evicts them)
+            cand_stats = cpu_candidate_stats(logits, cand)
+            prepared = None
+            if selector is not None:
+                prepared = selector.prepare(*((cand, logp) if len(guided) == B else
+                                              (cand[guided_index], logp[guided_index])))
             watch.lap("lm_head_and_candidates")
             lookahead = trunk.lookahead(cand, positions, pos)  # [B, K, D]
             watch.lap("lookahead_forward")
@@ -202,18 +245,15 @@ def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], sampli
             if selector is None:
                 slot, tokens = torch.zeros(B, dtype=torch.long, device=dev), plain
             elif len(guided) == B:  # every row guided: no gather and scatter
-                slot, tokens = selector.step(cand, logp, z)
+                slot, tokens = selector.choose(prepared, z)
                 slot = slot.clamp(min=0)
             else:
                 slot, tokens = torch.zeros(B, dtype=torch.long, device=dev), plain.clone()
-                g_slot, g_token = selector.step(cand[guided_index], logp[guided_index], z[guided_index])
-                slot[guided_index] = g_slot.clamp(min=0)
-                tokens[guided_index] = g_token
+                g_slot, g_token = selector.choose(prepared, z[guided_index])
+                slot[guided_index] = g_slot.clamp(min=0).to(slot.dtype)
+                tokens[guided_index] = g_token.to(tokens.dtype)
             watch.lap("select")
-            z_chosen = z[arange, slot]
-            remaining = remaining_from_logit(z_chosen.double(), value.gamma)
-            remaining = torch.where(torch.isin(tokens, eos_list), torch.zeros_like(remaining), remaining)
-            emitted = rows.emit(step, tokens, logits, remaining.tolist())
+            emitted = rows.emit(step, *_host_values(logits, tokens, slot, z, value.gamma, cand_stats))
             watch.lap("host")
             yield emitted
             if not any(rows.running):

@@ -57,6 +57,24 @@ def test_matches_float64_log_softmax(name, logits, tokens) -> None:
     assert rank.tolist() == want_rank.tolist()
 
 
+def several(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """[R, 6] chosen tokens per row: the case's own, four random ones and the row's argmax."""
+    rng = np.random.default_rng(1)
+    picks = [tokens, *(rng.integers(0, logits.shape[1], len(tokens)) for _ in range(4)), logits.argmax(axis=1)]
+    return np.ascontiguousarray(np.stack(picks, axis=1).astype(np.int64))
+
+
+@pytest.mark.parametrize(("name", "logits", "tokens"), cases(), ids=[c[0] for c in cases()])
+def test_several_tokens_per_row_match_one_at_a_time(name, logits, tokens) -> None:
+    many = several(logits, tokens)
+    logp, rank = np.empty(many.shape), np.empty(many.shape, dtype=np.int64)
+    _core.token_stats(logits, many, logp, rank)
+    for i in range(many.shape[1]):
+        want_logp, want_rank = reference(logits, many[:, i].copy())
+        np.testing.assert_allclose(logp[:, i], want_logp, rtol=0, atol=1e-7)
+        assert rank[:, i].tolist() == want_rank.tolist()
+
+
 def test_portable_kernel_matches_too() -> None:
     code = textwrap.dedent("""
         import json, numpy as np
@@ -66,7 +84,8 @@ def test_portable_kernel_matches_too() -> None:
         for vocab in (5, 49152):
             x = (rng.standard_normal((2, vocab)) * 4).astype(np.float32)
             t = rng.integers(0, vocab, 2).astype(np.int64)
-            lp, rk = np.empty(2), np.empty(2, dtype=np.int64)
+            t = np.stack([t, x.argmax(axis=1), rng.integers(0, vocab, 2)], axis=1).astype(np.int64)  # [2, 3]
+            lp, rk = np.empty(t.shape), np.empty(t.shape, dtype=np.int64)
             _core.token_stats(x, t, lp, rk)
             out.append([_core.linear_kernel(), lp.tolist(), rk.tolist()])
         print(json.dumps(out))
@@ -77,10 +96,12 @@ def test_portable_kernel_matches_too() -> None:
     for (kernel, logp, rank), vocab in zip(json.loads(done.stdout), (5, 49152)):
         x = (rng.standard_normal((2, vocab)) * 4).astype(np.float32)
         t = rng.integers(0, vocab, 2).astype(np.int64)
-        want_logp, want_rank = reference(x, t)
+        t = np.stack([t, x.argmax(axis=1), rng.integers(0, vocab, 2)], axis=1).astype(np.int64)
         assert kernel == "scalar"
-        np.testing.assert_allclose(logp, want_logp, rtol=0, atol=1e-9)
-        assert rank == want_rank.tolist()
+        for i in range(t.shape[1]):
+            want_logp, want_rank = reference(x, t[:, i].copy())
+            np.testing.assert_allclose(np.array(logp)[:, i], want_logp, rtol=0, atol=1e-9)
+            assert np.array(rank)[:, i].tolist() == want_rank.tolist()
 
 
 def test_nan_and_inf_rows_give_nan_and_leave_other_rows_alone() -> None:
@@ -100,12 +121,18 @@ def test_nan_and_inf_rows_give_nan_and_leave_other_rows_alone() -> None:
     (np.zeros((2, 5), np.float32), np.array([0]), ValueError, "tokens"),
     (np.zeros(5, np.float32), np.array([0]), ValueError, "logits"),
     (np.zeros((2, 0), np.float32), np.array([0, 0]), ValueError, "logits"),
+    (np.zeros((2, 5), np.float32), np.array([[0, 1], [2, 5]]), IndexError, "tokens"),
+    (np.zeros((2, 5), np.float32), np.zeros((2, 0)), ValueError, "tokens"),
+    (np.zeros((2, 5), np.float32), np.zeros((2, 1, 1)), ValueError, "tokens"),
 ])
 def test_bad_input_is_refused_by_name(logits, tokens, error, name) -> None:
-    logp, rank = np.full(len(tokens), 7.0), np.full(len(tokens), 7, dtype=np.int64)
+    logp, rank = np.full(tokens.shape, 7.0), np.full(tokens.shape, 7, dtype=np.int64)
     with pytest.raises(error, match=name):
         _core.token_stats(logits, tokens.astype(np.int64), logp, rank)
-    assert logp.tolist() == [7.0] * len(tokens) and rank.tolist() == [7] * len(tokens)  # nothing written
+    assert (logp == 7.0).all() and (rank == 7).all()  # nothing written
+    with pytest.raises(ValueError, match="logp"):  # outputs shaped like the tokens
+        _core.token_stats(np.zeros((2, 5), np.float32), np.zeros((2, 3), np.int64), np.empty(2),
+                          np.empty((2, 3), np.int64))
     with pytest.raises(TypeError):  # no silent conversion of the dtype
         _core.token_stats(np.zeros((1, 5), np.float64), np.zeros(1, np.int64), np.empty(1), np.empty(1, np.int64))
     assert native(np.ones((1, 4), np.float32), np.array([2], dtype=np.int64))[1].tolist() == [1]  # still usable
@@ -121,3 +148,28 @@ def test_decode_token_stats_native_and_torch_paths_agree() -> None:
     assert torch.equal(fast[0], direct[0]) and torch.equal(fast[1], direct[1])
     assert fast[0].double().tolist() == pytest.approx(slow[0].double().tolist(), abs=2e-5)
     assert fast[1].tolist() == slow[1].tolist()
+
+
+def test_decode_host_values_cpu_and_device_paths_agree_also_for_a_token_outside_the_candidates() -> None:
+    from lenvm_rt.decode import _host_values, cpu_candidate_stats
+
+    g = torch.Generator().manual_seed(5)
+    B, K, V, gamma = 3, 4, 500, 0.99
+    logits = torch.randn(B, V, generator=g) * 3
+    cand = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(B)])
+    z = torch.randn(B, K, generator=g) * 4
+    slot = torch.tensor([2, 0, 3])
+    chosen = cand[torch.arange(B), slot]
+    forced = chosen.clone()
+    forced[1] = next(t for t in range(V) if t not in cand[1].tolist())  # e.g. an EOS forced by the controller
+    stats = cpu_candidate_stats(logits, cand)
+    for tokens in (chosen, forced):
+        ids, logp, rank, remaining = _host_values(logits, tokens, slot, z, gamma, stats)
+        want = _host_values(logits, tokens, slot, z, gamma, None)  # the device path: statistics after the choice
+        want_logp, want_rank = reference(logits.numpy(), tokens.numpy())
+        assert ids == tokens.tolist() == want[0]
+        assert rank == want[2] == want_rank.tolist()
+        np.testing.assert_allclose(logp, want_logp, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(remaining, want[3], rtol=2e-7)  # Python floats vs torch float32
+        closed = [np.logaddexp(0.0, float(z[b, s])) / -np.log(gamma) for b, s in enumerate(slot.tolist())]
+        np.testing.assert_allclose(remaining, closed, rtol=1e-6)
