@@ -4,7 +4,7 @@
 //   weights[l] = (input_norm, qkv, qkv_bias, q_norm, k_norm, o, o_bias, post_norm, gate_up, gate_up_bias, down,
 //   down_bias): float32 C-contiguous arrays of the shapes in trunk.h; biases and q_norm / k_norm may be None
 //   (q_norm and k_norm both or neither). The Trunk keeps references to every array it was given.
-// set_cache(k: list[float32[Bc, Hkv, C, Dh]], v: same, cos: float32[C', Dh], sin: same), C' >= C
+// set_cache(k: list[float32[Bc, Hkv, C, Dh]], v: same, cos: float32[C', Dh], sin: same), C' >= C; clear_cache()
 // decode(x: float32[B, D], positions: int32[B]): positions in [0, C), B <= Bc; x updated in place
 // lookahead(x: float32[B K, D], positions: int32[B], k_new: float32[L, B, Hkv, K, Dh], v_new: same):
 //   positions in [1, C) (a candidate needs a cached prefix)
@@ -90,6 +90,11 @@ public:
         keep.push_back(sin);
         trunk_.set_cache(cache);
         cache_keep_ = std::move(keep);
+    }
+
+    void clear_cache() {
+        trunk_.set_cache(lenvm::TrunkCache{{}, {}, 0, 0, nullptr, nullptr});
+        cache_keep_.clear();
     }
 
     void decode(CArray<float>& x, const CArray<std::int32_t>& positions) {
@@ -201,6 +206,7 @@ void bind_trunk(py::module_& m) {
              "down, down_bias), float32 C-contiguous; biases and q_norm / k_norm may be None.")
         .def("set_cache", &PyTrunk::set_cache, py::arg("k"), py::arg("v"), py::arg("cos").noconvert(),
              py::arg("sin").noconvert(), "Per-layer caches [Bc, Hkv, C, Dh] and RoPE tables [C, Dh].")
+        .def("clear_cache", &PyTrunk::clear_cache, "Forget the caches (and drop the references to them).")
         .def("decode", &PyTrunk::decode, py::arg("x").noconvert(), py::arg("positions").noconvert(),
              "Every layer for one token per row: x float32[B, D] in place, positions int32[B]. GIL released.")
         .def("lookahead", &PyTrunk::lookahead, py::arg("x").noconvert(), py::arg("positions").noconvert(),

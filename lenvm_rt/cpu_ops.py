@@ -8,7 +8,7 @@ Contract:
         are fine); the result is a new tensor. No autograd: inputs that require grad are refused while grad
         mode is on and detached otherwise. Bad inputs raise ValueError naming the argument.
     set_num_threads(n) / get_num_threads(): threads of the native pool, calling thread included.
-    Trunk(cfg, layers): every decoder layer of a decode step or a lookahead in one native call (csrc/trunk.h);
+    Trunk(cfg, layers, scale): every decoder layer of a decode step or a lookahead in one native call (csrc/trunk.h);
         the arrays it reads are views of the torch tensors it was given (weights, caches), kept alive by it.
 
 The fast path converts and calls without checks (~100 calls per decode step); only when the core refuses
@@ -143,6 +143,7 @@ class Trunk:
 
         trunk = Trunk(cfg, layers, scale)                 # scale: the attention's 1 / sqrt(Dh)
         trunk.set_cache(k_cache, v_cache, cos, sin)      # per layer [Bc, Hkv, C, Dh]; tables [C, Dh]
+        trunk.clear_cache()                              # forget them (a forward then raises ValueError)
         x = trunk.decode(x[B, D], positions int32[B])    # -> new hidden states [B, D]; the cache gets the tokens
         x, pending = trunk.lookahead(x[B, K, D], positions int32[B])
                                                          # -> [B, K, D] and the candidates' K/V (cache untouched)
@@ -159,6 +160,10 @@ class Trunk:
     def set_cache(self, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], cos: torch.Tensor,
                   sin: torch.Tensor) -> None:
         self._core.set_cache([t.numpy() for t in k], [t.numpy() for t in v], cos.numpy(), sin.numpy())
+
+    def clear_cache(self) -> None:
+        """Drop the references to the caches (before new ones are allocated)."""
+        self._core.clear_cache()
 
     def decode(self, x: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
         out = x.reshape(x.shape[0], -1).numpy().copy()

@@ -142,7 +142,7 @@ def _host_values(logits: torch.Tensor, tokens: torch.Tensor, slot: torch.Tensor,
             return (ids, [float(logp[b, s]) for b, s in enumerate(slots)],
                     [int(rank[b, s]) for b, s in enumerate(slots)], remaining)
         # an EOS the controller forced outside the candidates: statistics of the tokens themselves
-        return [*chosen_stats(logits, tokens), remaining]
+        return (*chosen_stats(logits, tokens), remaining)
     remaining = remaining_from_logit(z, gamma)  # [B, K]
     chosen = remaining.gather(1, slot.view(-1, 1)).squeeze(1)
     logp, rank = token_stats(logits, tokens)

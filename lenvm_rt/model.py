@@ -101,6 +101,8 @@ class CausalLM:
         batch, capacity = max(batch, self.batch_capacity), max(capacity, self.capacity)
         cfg = self.cfg
         shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
+        if self._trunk is not None:
+            self._trunk.clear_cache()
         self.k_cache, self.v_cache = [], []  # free the old cache before allocating the new one
         self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(cfg.num_layers)]
         self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(cfg.num_layers)]
@@ -285,13 +287,6 @@ class CausalLM:
         """
         cfg = self.cfg
         B, K = cand.shape
-        G, Hkv, Dh = cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads, cfg.head_dim
-        span = max(positions)  # prefix keys: cache positions 0..span-1
-        cos, sin, same = self._rope_at(positions, pos_tensor)
-        mask = None
-        if not same:
-            pos = pos_tensor if pos_tensor is not None else torch.tensor(positions, device=self.device)
-            mask = self._key_mask(pos, span, through=False)
         x = F.embedding(cand, self.w.embed)  # [B, K, D]
         self._pending, self._pending_native = [], None
         if self._trunk is not None and B * K <= NATIVE_MAX_ROWS:
@@ -299,6 +294,13 @@ class CausalLM:
             return x
         if self._native_linear and not cfg.qk_norm:
             return self._native_lookahead_layers(x, np.array(positions, dtype=np.int32))
+        G, Hkv, Dh = cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads, cfg.head_dim
+        span = max(positions)  # prefix keys: cache positions 0..span-1
+        cos, sin, same = self._rope_at(positions, pos_tensor)
+        mask = None
+        if not same:
+            pos = pos_tensor if pos_tensor is not None else torch.tensor(positions, device=self.device)
+            mask = self._key_mask(pos, span, through=False)
         for i, layer in enumerate(self.w.layers):
             q, k, v = self._qkv(layer, x, cos, sin)  # q[B, H, K, Dh], k/v[B, Hkv, K, Dh]
             self._pending.append((k, v))

@@ -82,6 +82,24 @@ def test_lookahead_commit_and_decode_match_the_per_op_path(model):
         assert (ours - ref).abs().max().item() <= 1e-5
 
 
+def test_the_trunk_follows_a_reallocated_cache(model):
+    with torch.inference_mode():
+        _prefill(model, PROMPTS)
+        model.allocate(batch=4, capacity=model.capacity + 64)  # new, larger caches: the trunk must use these
+    outs, caches = _decode_run(model)  # its allocate(batch=3, capacity=32) keeps the larger caches
+    assert model.k_cache[0].shape[0] == 4 and model.k_cache[0].shape[2] >= 96
+    with per_op(model):
+        ref_outs, ref_caches = _decode_run(model)
+    for ours, ref in zip(outs + caches, ref_outs + ref_caches):
+        assert (ours - ref).abs().max().item() <= 1e-5
+    model._trunk.clear_cache()
+    with pytest.raises(ValueError, match="cache"), torch.inference_mode():
+        model.decode_step(torch.tensor([1, 2, 3]), [5, 2, 8])
+    model._trunk.set_cache(model.k_cache, model.v_cache, model._cos, model._sin)  # usable again
+    again, _ = _decode_run(model)
+    assert all(torch.equal(a, b) for a, b in zip(again, outs))
+
+
 def test_a_row_gets_the_same_bits_alone_and_in_a_batch(model):
     with torch.inference_mode():
         positions = _prefill(model, PROMPTS)
