@@ -187,13 +187,14 @@ def test_bad_calls_are_named_and_the_trunk_stays_usable(model):
     ref_outs, ref_caches = _decode_run(model)  # the model's own trunk, before any bad call
     trunk = model._trunk._core
     L, Hkv, Dh = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    rows, capacity = model.k_cache[0].shape[0], model.k_cache[0].shape[2]
     k_new = np.zeros((L, 3, Hkv, 4, Dh), np.float32)
     calls = [
         (lambda: trunk.decode(np.zeros((3, cfg.hidden_size + 1), np.float32), np.array([5, 2, 8], np.int32)), "x"),
-        (lambda: trunk.decode(np.zeros((3, cfg.hidden_size), np.float32), np.array([5, 2, 32], np.int32)),
+        (lambda: trunk.decode(np.zeros((3, cfg.hidden_size), np.float32), np.array([5, 2, capacity], np.int32)),
          "positions"),
-        (lambda: trunk.decode(np.zeros((4, cfg.hidden_size), np.float32), np.array([1, 2, 3, 4], np.int32)),
-         "positions"),  # more rows than the cache holds
+        (lambda: trunk.decode(np.zeros((rows + 1, cfg.hidden_size), np.float32),
+                              np.arange(1, rows + 2, dtype=np.int32)), "positions"),  # more rows than the cache holds
         (lambda: trunk.lookahead(np.zeros((12, cfg.hidden_size), np.float32), np.array([5, 0, 8], np.int32), k_new,
                                  k_new.copy()), "positions"),
         (lambda: trunk.lookahead(np.zeros((12, cfg.hidden_size), np.float32), np.array([5, 2, 8], np.int32),
