@@ -238,8 +238,8 @@ class CausalLM:
         return x.view(B, -1)
 
     def _native_decode_layers(self, x: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
-        """decode_step's layers on the C++ core (CPU fp32, no q/k norms): per layer one call for norm,
-        one for the q/k/v projection and one for RoPE + cache write + attention, instead of ~25 torch ops."""
+        """decode_step's layers for batches above NATIVE_MAX_ROWS (CPU fp32, no q/k norms), whose projections go
+        to torch's GEMM: per layer native calls for the norm and for RoPE + cache write + attention."""
         cfg = self.cfg
         B = x.shape[0]
         for i, layer in enumerate(self.w.layers):
@@ -250,7 +250,8 @@ class CausalLM:
         return x.view(B, -1)
 
     def _native_lookahead_layers(self, x: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
-        """lookahead's layers on the C++ core (CPU fp32, no q/k norms); candidate K/V kept for commit."""
+        """lookahead's layers for more than NATIVE_MAX_ROWS candidate rows (CPU fp32, no q/k norms), as
+        _native_decode_layers; candidate K/V kept for commit."""
         cfg = self.cfg
         B, K, _ = x.shape
         for i, layer in enumerate(self.w.layers):
