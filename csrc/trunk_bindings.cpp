@@ -116,6 +116,8 @@ public:
     void commit(const CArray<float>& k_new, const CArray<float>& v_new, const CArray<std::int64_t>& slot,
                 const CArray<std::int32_t>& positions) {
         const std::int64_t k_cand = check_candidates(k_new, v_new, positions, false);
+        lenvm::check(positions.ndim() == 1 && positions.shape(0) <= trunk_.cache().batch, "positions",
+                     "int32[B], B at most the cache's rows", positions.shape(0));
         check_positions(positions, 0);
         lenvm::check(slot.ndim() == 1 && slot.shape(0) == positions.shape(0), "slot", "int64[B] like positions",
                      slot.ndim() == 1 ? slot.shape(0) : -1);

@@ -202,6 +202,9 @@ def test_bad_calls_are_named_and_the_trunk_stays_usable(model):
         (lambda: trunk.lookahead(np.zeros((12, cfg.hidden_size), np.float32), np.array([5, 2, 8], np.int32), k_new,
                                  k_new[..., :1].copy()), "v_new"),
         (lambda: trunk.commit(k_new, k_new, np.array([0, 4, 1], np.int64), np.array([5, 2, 8], np.int32)), "slot"),
+        (lambda: trunk.commit(np.zeros((L, rows + 1, Hkv, 4, Dh), np.float32), np.zeros((L, rows + 1, Hkv, 4, Dh),
+                                                                                       np.float32),
+                              np.zeros(rows + 1, np.int64), np.arange(1, rows + 2, dtype=np.int32)), "positions"),
         (lambda: trunk.set_cache(model.k_cache[:1], model.v_cache[:1], np.zeros((4, Dh), np.float32),
                                  np.zeros((4, Dh), np.float32)), "k/v"),
     ]
