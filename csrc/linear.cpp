@@ -17,6 +17,7 @@
 
 #include "cpu_features.h"
 #include "errors.h"
+#include "simd_avx2.h"
 
 #if LENVM_HAS_X86
 #include <immintrin.h>
@@ -75,12 +76,6 @@ void block_scalar(const float* x, const float* w, const float* bias, float* out,
 // kTailMask + 8 - r holds r all-ones words followed by zeros: the load mask for a tail of r < 8 floats.
 constexpr std::int32_t kTailMask[2 * kLanes] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
 
-LENVM_AVX2_FMA inline float fold_lanes_avx2(__m256 v) {
-    const __m128 pairs = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // l_i + l_{i+4}
-    const __m128 quads = _mm_add_ps(pairs, _mm_movehl_ps(pairs, pairs));                     // p0 + p2, p1 + p3
-    return _mm_cvtss_f32(_mm_add_ss(quads, _mm_shuffle_ps(quads, quads, 1)));
-}
-
 // out[i * n + j] for i < MR, j < NR from x rows x + i * k and w rows w + j * k. With kPrefetch and a non-null
 // `prefetch_w`, the NR rows starting there are prefetched into L1 alongside: the next group of w rows, which
 // the hardware prefetcher brings in too late at m > 1, where each group is used for longer. (At m == 1 the
@@ -129,7 +124,7 @@ LENVM_AVX2_FMA void tile_avx2(const float* x, const float* w, const float* bias,
     for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 16
         for (int j = 0; j < NR; ++j) {
-            const float dot = fold_lanes_avx2(acc[i][j]);
+            const float dot = avx2::fold8(acc[i][j]);
             out[i * n + j] = bias != nullptr ? dot + bias[j] : dot;
         }
     }

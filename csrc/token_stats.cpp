@@ -11,6 +11,7 @@
 
 #include "cpu_features.h"
 #include "linear.h"
+#include "simd_avx2.h"
 
 #if LENVM_HAS_X86
 #include <immintrin.h>
@@ -20,7 +21,6 @@ namespace lenvm {
 
 namespace {
 
-constexpr float kExpFloor = -87.3365f;  // e^kExpFloor is about the smallest normal float
 constexpr std::int64_t kBlock = 512;     // entries per float partial sum (a multiple of 16)
 
 struct RowScan {
@@ -81,26 +81,6 @@ void row_scalar(const Chosen& chosen, std::int64_t vocab, double* logp, std::int
 
 #if LENVM_HAS_X86
 
-// e^x for x <= 0: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for an exact product), e^r by a degree-7
-// polynomial in Horner form, 2^n built in the exponent bits.
-LENVM_AVX2_FMA inline __m256 exp_nonpositive(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(kExpFloor));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723e-06f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
-}
-
 LENVM_AVX2_FMA double fold_to_double(__m256 v) {
     alignas(32) float lanes[8];
     _mm256_store_ps(lanes, v);
@@ -142,11 +122,11 @@ LENVM_AVX2_FMA void row_avx2(const Chosen& chosen, std::int64_t vocab, double* l
         __m256 sum_a = _mm256_setzero_ps(), sum_b = _mm256_setzero_ps();
         std::int64_t v = block;
         for (; v + 16 <= end; v += 16) {
-            sum_a = _mm256_add_ps(sum_a, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + v), max_b)));
-            sum_b = _mm256_add_ps(sum_b, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + v + 8), max_b)));
+            sum_a = _mm256_add_ps(sum_a, avx2::exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + v), max_b)));
+            sum_b = _mm256_add_ps(sum_b, avx2::exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + v + 8), max_b)));
         }
         for (; v < end; v += 8) {
-            sum_a = _mm256_add_ps(sum_a, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + v), max_b)));
+            sum_a = _mm256_add_ps(sum_a, avx2::exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + v), max_b)));
         }
         sum += fold_to_double(sum_a) + fold_to_double(sum_b);
     }

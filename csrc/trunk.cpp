@@ -3,7 +3,9 @@
 // Structure: the matrix products go to lenvm::linear (its own kernels and threading); the rest of a layer (norms,
 // SwiGLU, attention) runs through a small table of row- or task-level functions, built once per process in a
 // portable and an AVX2 + FMA build of the same code. This file is compiled with -ffp-contract=off (CMakeLists.txt),
-// so the AVX2 build only widens the vectors and rounds every operation as the portable one does.
+// so those AVX2 builds only widen the vectors and round every operation as the portable ones do. The lookahead's
+// attention has its own AVX2 kernel (attention_avx2.h: one task per row, KV head and four candidates), used when
+// the head dim is a multiple of 16; otherwise, and on the portable family, one task per candidate.
 #include "trunk.h"
 
 #include <algorithm>
@@ -11,6 +13,7 @@
 #include <string>
 
 #include "cpu_features.h"
+#include "attention_avx2.h"
 #include "decode_ops.h"
 #include "linear.h"
 #include "thread_pool.h"
@@ -41,8 +44,13 @@ struct ElementwiseKernels {
     void (*rms_norm)(const float* x, const float* weight, float eps, float* out, std::int64_t rows, std::int64_t d);
     void (*swiglu)(const float* gate_up, float* out, std::int64_t rows, std::int64_t n);
     void (*decode_task)(const DecodeAttention& a, std::int64_t task);
-    void (*lookahead_task)(const LookaheadAttention& a, std::int64_t task);
+    bool avx2;  // whether lookahead_task_avx2 may run (it also needs a head dim that is a multiple of 16)
 };
+
+// Lookahead tasks: (row, KV head, chunk of candidates), task = (b Hkv + kv) chunks + c.
+constexpr std::int64_t kAvx2CandidatesPerTask = 4;  // their G queries each share every key and value load
+
+std::int64_t chunk_count(std::int64_t k_cand, std::int64_t per_task) { return (k_cand + per_task - 1) / per_task; }
 
 void rms_norm_portable(const float* x, const float* w, float eps, float* out, std::int64_t rows, std::int64_t d) {
     rms_norm(x, w, eps, out, rows, d);
@@ -53,9 +61,11 @@ void swiglu_portable(const float* gate_up, float* out, std::int64_t rows, std::i
 void decode_task_portable(const DecodeAttention& a, std::int64_t task) {
     decode_attention_task(a.q, a.k_cache, a.v_cache, a.span, a.scale, a.out, a.shape, task);
 }
-void lookahead_task_portable(const LookaheadAttention& a, std::int64_t task) {
+void lookahead_task_portable(const LookaheadAttention& a, std::int64_t task) {  // one candidate per task
+    const std::int64_t kv = (task / a.k_cand) % a.shape.kv_heads, b = task / (a.k_cand * a.shape.kv_heads);
+    const std::int64_t j = task % a.k_cand;
     lookahead_attention_task(a.qkv, a.cos, a.sin, a.k_cache, a.v_cache, a.positions, a.k_cand, a.scale, a.out,
-                             a.k_new, a.v_new, a.shape, task);
+                             a.k_new, a.v_new, a.shape, (b * a.k_cand + j) * a.shape.kv_heads + kv);
 }
 
 #if LENVM_HAS_X86
@@ -71,9 +81,33 @@ LENVM_AVX2_FLAT void swiglu_avx2(const float* gate_up, float* out, std::int64_t 
 LENVM_AVX2_FLAT void decode_task_avx2(const DecodeAttention& a, std::int64_t task) {
     decode_attention_task(a.q, a.k_cache, a.v_cache, a.span, a.scale, a.out, a.shape, task);
 }
-LENVM_AVX2_FLAT void lookahead_task_avx2(const LookaheadAttention& a, std::int64_t task) {
-    lookahead_attention_task(a.qkv, a.cos, a.sin, a.k_cache, a.v_cache, a.positions, a.k_cand, a.scale, a.out,
-                             a.k_new, a.v_new, a.shape, task);
+LENVM_AVX2_FMA void lookahead_task_avx2(const LookaheadAttention& a, std::int64_t task) {
+    const AttentionShape& s = a.shape;
+    const std::int64_t dh = s.head_dim, group = s.heads / s.kv_heads, stride = (s.heads + 2 * s.kv_heads) * dh;
+    const std::int64_t chunks = chunk_count(a.k_cand, kAvx2CandidatesPerTask);
+    const std::int64_t c = task % chunks, kv = (task / chunks) % s.kv_heads, b = task / (chunks * s.kv_heads);
+    const std::int64_t j0 = c * kAvx2CandidatesPerTask, nj = std::min(kAvx2CandidatesPerTask, a.k_cand - j0);
+    const std::int64_t nq = nj * group, p = a.positions[b];
+    thread_local std::vector<const float*> own_k, own_v;
+    thread_local std::vector<float*> out_rows;
+    own_k.resize(static_cast<std::size_t>(nq));
+    own_v.resize(static_cast<std::size_t>(nq));
+    out_rows.resize(static_cast<std::size_t>(nq));
+    float* q = thread_scratch(1, nq * dh);
+    for (std::int64_t jj = 0; jj < nj; ++jj) {
+        const std::int64_t j = j0 + jj, own = ((b * s.kv_heads + kv) * a.k_cand + j) * dh;
+        const float* row = a.qkv + (b * a.k_cand + j) * stride;
+        for (std::int64_t h = 0; h < group; ++h) {
+            const auto i = static_cast<std::size_t>(jj * group + h);
+            rope(row + (kv * group + h) * dh, a.cos + p * dh, a.sin + p * dh, q + static_cast<std::int64_t>(i) * dh, dh);
+            own_k[i] = a.k_new + own;
+            own_v[i] = a.v_new + own;
+            out_rows[i] = a.out + (b * a.k_cand + j) * s.heads * dh + (kv * group + h) * dh;
+        }
+    }
+    const std::int64_t cache_row = (b * s.kv_heads + kv) * s.capacity * dh;
+    avx2::attend_many(q, nq, dh, a.scale, a.k_cache + cache_row, a.v_cache + cache_row, p, own_k.data(),
+                      own_v.data(), thread_scratch(0, nq * (p + 1)), out_rows.data());
 }
 #undef LENVM_AVX2_FLAT
 #endif
@@ -82,9 +116,9 @@ const ElementwiseKernels& kernels() {
     static const ElementwiseKernels selected = [] {
 #if LENVM_HAS_X86
         if (std::string(linear_kernel_name()) == "avx2_fma")
-            return ElementwiseKernels{rms_norm_avx2, swiglu_avx2, decode_task_avx2, lookahead_task_avx2};
+            return ElementwiseKernels{rms_norm_avx2, swiglu_avx2, decode_task_avx2, true};
 #endif
-        return ElementwiseKernels{rms_norm_portable, swiglu_portable, decode_task_portable, lookahead_task_portable};
+        return ElementwiseKernels{rms_norm_portable, swiglu_portable, decode_task_portable, false};
     }();
     return selected;
 }
@@ -192,6 +226,14 @@ void Trunk::lookahead(float* x, const std::int32_t* positions, std::int64_t rows
     const AttentionShape shape{rows, s.heads, s.kv_heads, s.head_dim, cache_.capacity};
     const std::int64_t m = rows * k_cand, per_layer = rows * s.kv_heads * k_cand * s.head_dim;
     reserve(m);
+#if LENVM_HAS_X86
+    const bool tiled = kernels().avx2 && s.head_dim % 16 == 0;
+    const auto task = tiled ? lookahead_task_avx2 : lookahead_task_portable;
+    const std::int64_t per_task = tiled ? kAvx2CandidatesPerTask : 1;
+#else
+    const auto task = lookahead_task_portable;
+    const std::int64_t per_task = 1;
+#endif
     for (std::size_t l = 0; l < layers_.size(); ++l) {
         float* kn = k_new + static_cast<std::int64_t>(l) * per_layer;
         float* vn = v_new + static_cast<std::int64_t>(l) * per_layer;
@@ -199,8 +241,7 @@ void Trunk::lookahead(float* x, const std::int32_t* positions, std::int64_t rows
         lookahead_kv(qkv_.data(), cache_.cos, cache_.sin, positions, k_cand, kn, vn, shape);
         const LookaheadAttention args{qkv_.data(), cache_.cos, cache_.sin, cache_.k[l], cache_.v[l], positions,
                                       k_cand,      s.scale,    attn_.data(), kn,        vn,          shape};
-        const auto task = kernels().lookahead_task;
-        default_pool().run(m * s.kv_heads, [&](std::int64_t t) { task(args, t); });
+        default_pool().run(rows * s.kv_heads * chunk_count(k_cand, per_task), [&](std::int64_t t) { task(args, t); });
         mlp_residual(layers_[l], x, m);
     }
 }

@@ -16,10 +16,12 @@
 //
 // Per layer: x += o(attention(rope(qkv(norm(x))))), x += down(swiglu(gate_up(norm(x)))), with Qwen3's per-head
 // q / k norms before RoPE and optional biases. Every piece is the per-op path's own function (lenvm::linear,
-// rms_norm, swiglu and the attention of decode_ops.h), so a row's result depends only on that row (and its
-// cache), never on B, K or the thread count. The norm, SwiGLU and attention loops are compiled twice, portable
-// and AVX2, without contracting multiplies and adds, so both give the same bits; the linear kernel is chosen as
-// in linear.h. Calls on one Trunk are serialised by a mutex (they share scratch memory). Arguments are checked
+// rms_norm, swiglu and the attention of decode_ops.h; on AVX2 CPUs the lookahead's attention runs as register
+// tiles over four candidates, attention_avx2.h), so a row's result depends only on that row (and its cache),
+// never on B, K or the thread count. The kernel family follows linear.h's choice: the norm, SwiGLU and decode
+// attention loops are compiled twice, portable and AVX2, without contracting multiplies and adds (the same bits
+// either way); linear and the tiled lookahead attention use fused multiply-adds on AVX2, so the two families
+// agree to rounding. Calls on one Trunk are serialised by a mutex (they share scratch memory). Arguments are checked
 // by the caller (csrc/trunk_bindings.cpp).
 #pragma once
 

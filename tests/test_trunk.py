@@ -100,6 +100,16 @@ def test_the_trunk_follows_a_reallocated_cache(model):
     assert all(torch.equal(a, b) for a, b in zip(again, outs))
 
 
+def test_seven_candidates_span_two_attention_tasks_and_match_the_per_op_path(model):
+    cand = torch.arange(40, 61).view(3, 7)  # AVX2 tasks hold four candidates: one full task and one of three
+    with torch.inference_mode():
+        positions = _prefill(model, PROMPTS)
+        ours = model.lookahead(cand, positions).clone()
+        with per_op(model):
+            ref = model.lookahead(cand, positions)
+    assert (ours - ref).abs().max().item() <= 1e-5
+
+
 def test_a_row_gets_the_same_bits_alone_and_in_a_batch(model):
     with torch.inference_mode():
         positions = _prefill(model, PROMPTS)
