@@ -6,15 +6,15 @@ linear and norms with the per-op native attention (Llama, Qwen2) or torch attent
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
 from checkpoints import make_checkpoint
+from subproc import run_python
 
 import lenvm_rt
 from lenvm_rt import _native, cpu_ops
@@ -125,17 +125,14 @@ def test_a_row_gets_the_same_bits_alone_and_in_a_batch(model):
 def _portable_run(directory: str) -> np.ndarray:
     """The decode run in a process whose native kernels are all portable (LENVM_RT_LINEAR_KERNEL=scalar)."""
     code = (
-        "import sys, numpy as np, torch, lenvm_rt; sys.path.insert(0, sys.argv[2]); import test_trunk as t; "
-        "m = lenvm_rt.load(sys.argv[1], device='cpu').model; "
-        "from lenvm_rt import _native; assert _native.linear_kernel() == 'scalar'; "
-        "outs, _ = t._decode_run(m); np.save(sys.stdout.buffer, torch.cat([o.reshape(-1) for o in outs]).numpy())"
+        f"import sys, numpy as np, torch, lenvm_rt; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+        "import test_trunk as t; from lenvm_rt import _native; "
+        f"m = lenvm_rt.load({directory!r}, device='cpu').model; assert _native.linear_kernel() == 'scalar'; "
+        "outs, _ = t._decode_run(m); print(torch.cat([o.reshape(-1) for o in outs]).double().tolist())"
     )
-    env = {**os.environ, "LENVM_RT_LINEAR_KERNEL": "scalar"}
-    done = subprocess.run([sys.executable, "-c", code, directory, os.path.dirname(__file__)], env=env,
-                          capture_output=True, check=True, timeout=300)
-    import io
-
-    return np.load(io.BytesIO(done.stdout))
+    done = run_python(code, env={**os.environ, "LENVM_RT_LINEAR_KERNEL": "scalar"})
+    assert done.returncode == 0, done.stderr
+    return np.array(json.loads(done.stdout.strip().splitlines()[-1]), dtype=np.float32)
 
 
 @pytest.mark.skipif(_native.linear_kernel() != "avx2_fma", reason="compares the AVX2 build with the portable one")
