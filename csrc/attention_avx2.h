@@ -26,18 +26,18 @@ LENVM_AVX2_FMA inline float dot(const float* a, const float* b, std::int64_t dh)
     return fold8(acc);
 }
 
-LENVM_AVX2_FMA inline void attend_many(const float* q, std::int64_t nq, std::int64_t dh, float scale,
-                                                           const float* keys, const float* vals, std::int64_t np,
-                                                           const float* const* own_k, const float* const* own_v,
-                                                           float* scores, float* const* out) {
+LENVM_AVX2_FMA inline void attend_many(const float* q, std::int64_t nq, std::int64_t dh, float scale, const float* keys,
+                                       const float* vals, std::int64_t np, const float* const* own_k,
+                                       const float* const* own_v, float* scores, float* const* out) {
     const std::int64_t n = np + (own_k != nullptr ? 1 : 0);
-    // QK: 4 queries x 3 keys
+    // QK: 4 queries x 3 keys per tile; leftover queries and keys one pair at a time (the same chain and fold)
     std::int64_t i = 0;
     for (; i + 4 <= nq; i += 4) {
         std::int64_t t = 0;
         for (; t + 3 <= np; t += 3) {
             __m256 acc[4][3];
-            for (int a = 0; a < 4; ++a) for (int b = 0; b < 3; ++b) acc[a][b] = _mm256_setzero_ps();
+            for (auto& row : acc)
+                for (auto& cell : row) cell = _mm256_setzero_ps();
             for (std::int64_t c = 0; c < dh; c += 8) {
                 const __m256 k0 = _mm256_loadu_ps(keys + t * dh + c), k1 = _mm256_loadu_ps(keys + (t + 1) * dh + c),
                              k2 = _mm256_loadu_ps(keys + (t + 2) * dh + c);
@@ -58,7 +58,7 @@ LENVM_AVX2_FMA inline void attend_many(const float* q, std::int64_t nq, std::int
         for (std::int64_t t = 0; t < np; ++t) scores[i * n + t] = dot(q + i * dh, keys + t * dh, dh) * scale;
     if (own_k != nullptr)
         for (std::int64_t a = 0; a < nq; ++a) scores[a * n + np] = dot(q + a * dh, own_k[a], dh) * scale;
-    // softmax per row
+    // softmax per row: max, exponentials summed in 8 lanes (then the tail), one reciprocal
     for (std::int64_t a = 0; a < nq; ++a) {
         float* s = scores + a * n;
         __m256 mv = _mm256_set1_ps(-INFINITY);
@@ -89,7 +89,7 @@ LENVM_AVX2_FMA inline void attend_many(const float* q, std::int64_t nq, std::int
         for (; t + 8 <= n; t += 8) _mm256_storeu_ps(s + t, _mm256_mul_ps(_mm256_loadu_ps(s + t), inv));
         for (; t < n; ++t) s[t] *= 1.0f / total;
     }
-    // PV: 4 queries x 16 dims
+    // PV: 4 queries x 16 dims, each output lane one multiply-add chain over the keys in order, the own value last
     for (std::int64_t a0 = 0; a0 < nq; a0 += 4) {
         const std::int64_t rows = std::min<std::int64_t>(4, nq - a0);
         for (std::int64_t d = 0; d < dh; d += 16) {
@@ -116,6 +116,7 @@ LENVM_AVX2_FMA inline void attend_many(const float* q, std::int64_t nq, std::int
         }
     }
 }
+
 }  // namespace lenvm::avx2
 
 #endif  // LENVM_HAS_X86

@@ -220,7 +220,8 @@ inline void lookahead_attention_task(const float* qkv, const float* cos, const f
     const std::int64_t p = positions[b];
     const float* row = qkv + (b * k_cand + j) * stride;
     float* q = thread_scratch(1, group * dh);
-    for (std::int64_t h = 0; h < group; ++h) rope(row + (kv * group + h) * dh, cos + p * dh, sin + p * dh, q + h * dh, dh);
+    for (std::int64_t h = 0; h < group; ++h)
+        rope(row + (kv * group + h) * dh, cos + p * dh, sin + p * dh, q + h * dh, dh);
     const float* keys = k_cache + (b * s.kv_heads + kv) * s.capacity * dh;
     const float* vals = v_cache + (b * s.kv_heads + kv) * s.capacity * dh;
     const float* own_k = k_new + ((b * s.kv_heads + kv) * k_cand + j) * dh;

@@ -10,8 +10,8 @@
 // LENVM_RT_LINEAR_KERNEL=scalar selects the portable path, std::exp in double, for both): relative error below
 // 5e-7 per term, a term below e^-87.3 counts as e^-87.3 = 1.2e-38 (the sum is at least 1), float partial sums
 // over blocks of 512 entries are added in double. Within 1e-7 of a float64 log-softmax for vocabularies up to
-// 150k. A row holding a NaN or +inf gets logp = NaN for every token (rank still counts the strictly larger entries). Runs on
-// the calling thread; throws only for a bad LENVM_RT_LINEAR_KERNEL, as linear() does.
+// 150k. A row holding a NaN or +inf gets logp = NaN for every token (rank still counts the strictly larger entries).
+// Runs on the calling thread; throws only for a bad LENVM_RT_LINEAR_KERNEL, as linear() does.
 #pragma once
 
 #include <cstdint>

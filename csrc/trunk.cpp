@@ -12,8 +12,8 @@
 #include <cstring>
 #include <string>
 
-#include "cpu_features.h"
 #include "attention_avx2.h"
+#include "cpu_features.h"
 #include "decode_ops.h"
 #include "linear.h"
 #include "thread_pool.h"
@@ -98,8 +98,9 @@ LENVM_AVX2_FMA void lookahead_task_avx2(const LookaheadAttention& a, std::int64_
         const std::int64_t j = j0 + jj, own = ((b * s.kv_heads + kv) * a.k_cand + j) * dh;
         const float* row = a.qkv + (b * a.k_cand + j) * stride;
         for (std::int64_t h = 0; h < group; ++h) {
-            const auto i = static_cast<std::size_t>(jj * group + h);
-            rope(row + (kv * group + h) * dh, a.cos + p * dh, a.sin + p * dh, q + static_cast<std::int64_t>(i) * dh, dh);
+            const std::int64_t query = jj * group + h;
+            const auto i = static_cast<std::size_t>(query);
+            rope(row + (kv * group + h) * dh, a.cos + p * dh, a.sin + p * dh, q + query * dh, dh);
             own_k[i] = a.k_new + own;
             own_v[i] = a.v_new + own;
             out_rows[i] = a.out + (b * a.k_cand + j) * s.heads * dh + (kv * group + h) * dh;

@@ -139,7 +139,8 @@ private:
         const Shape2 shapes[kFieldCount] = {{d, -1},  {qkv, d}, {qkv, -1}, {dh, -1},  {dh, -1},
                                             {d, s.heads * dh},   {d, -1},   {d, -1},   {i2, d},
                                             {i2, -1}, {d, s.intermediate},  {d, -1}};
-        const bool optional[kFieldCount] = {false, false, true, true, true, false, true, false, false, true, false, true};
+        const bool optional[kFieldCount] = {false, false, true,  true, true,  false,
+                                            true,  false, false, true, false, true};
         std::vector<lenvm::TrunkLayer> layers;
         for (std::size_t l = 0; l < py::len(weights); ++l) {
             const py::handle item = weights[l];
