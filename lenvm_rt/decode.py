@@ -131,12 +131,21 @@ def cpu_candidate_stats(logits: torch.Tensor, cand: torch.Tensor) -> CandidateSt
     return cand.numpy(), logp.numpy(), rank.numpy()
 
 
+def chosen_remaining(z: torch.Tensor, slots: list[int], tokens: list[int], gamma: float,
+                     eos_ids: frozenset[int]) -> list[float]:
+    """Predicted remaining tokens after each row's chosen candidate z[b, slots[b]] as Python floats, 0 after EOS
+    (one host transfer of z [B, K] instead of a torch op for each step of the arithmetic)."""
+    zs = z.tolist()
+    return [0.0 if t in eos_ids else remaining_from_logit(zs[b][s], gamma)
+            for b, (s, t) in enumerate(zip(slots, tokens))]
+
+
 def _host_values(logits: torch.Tensor, tokens: torch.Tensor, slot: torch.Tensor, z: torch.Tensor, gamma: float,
                  cand_stats: CandidateStats | None) -> tuple[list[int], list[float], list[int], list[float]]:
     """The step's tokens, their log p and rank, and the predicted remaining length after each chosen candidate."""
     if cand_stats is not None:  # CPU: a few list conversions and Python floats, no torch op per value
-        slots, ids, zs = slot.tolist(), tokens.tolist(), z.tolist()
-        remaining = [remaining_from_logit(zs[b][s], gamma) for b, s in enumerate(slots)]
+        slots, ids = slot.tolist(), tokens.tolist()
+        remaining = chosen_remaining(z, slots, ids, gamma, frozenset())
         cand, logp, rank = cand_stats
         if all(cand[b, s] == t for b, (s, t) in enumerate(zip(slots, ids))):
             return (ids, [float(logp[b, s]) for b, s in enumerate(slots)],

@@ -173,3 +173,14 @@ def test_decode_host_values_cpu_and_device_paths_agree_also_for_a_token_outside_
         np.testing.assert_allclose(remaining, want[3], rtol=2e-7)  # Python floats vs torch float32
         closed = [np.logaddexp(0.0, float(z[b, s])) / -np.log(gamma) for b, s in enumerate(slot.tolist())]
         np.testing.assert_allclose(remaining, closed, rtol=1e-6)
+
+
+def test_chosen_remaining_is_the_closed_form_at_the_chosen_slot_and_zero_after_eos() -> None:
+    from lenvm_rt.decode import chosen_remaining
+
+    z = torch.tensor([[0.5, -3.0, 40.0], [2.0, 1.0, -1.0], [-30.0, 0.0, 7.0]])
+    gamma = 0.98
+    got = chosen_remaining(z, [2, 0, 1], [11, 2, 13], gamma, frozenset({2, 5}))
+    assert got[1] == 0.0  # row 1 chose EOS (id 2)
+    closed = [np.logaddexp(0.0, z[b, s].item()) / -np.log(gamma) for b, s in ((0, 2), (2, 1))]
+    np.testing.assert_allclose([got[0], got[2]], closed, rtol=1e-12)

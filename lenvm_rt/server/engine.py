@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..config import Sampling
-from ..decode import CACHE_BLOCK, live_width
+from ..decode import CACHE_BLOCK, chosen_remaining, live_width
 from ..guidance import CandidateSettings, EosRule, Guidance, build_candidates
 from ..runtime import Runtime
 from ..sampling import TokenChooser, resolve_seed
@@ -366,11 +366,8 @@ class Engine:
             g_slot, g_token = self._guide.step(self._guide_slots, cand[guided], logp[guided], z[guided])
             slot[guided] = g_slot.to(dev).clamp(min=0)
             tokens[guided] = g_token.to(dev)
-        z_chosen = z[torch.arange(B, device=dev), slot]
-        remaining = remaining_from_logit(z_chosen.double(), value.gamma)
-        eos_list = torch.tensor(sorted(self.rt.eos_token_ids), device=dev)
-        remaining = torch.where(torch.isin(tokens, eos_list), torch.zeros_like(remaining), remaining)
-        return tokens, remaining.tolist(), slot, lookahead
+        remaining = chosen_remaining(z, slot.tolist(), tokens.tolist(), value.gamma, self.rt.eos_token_ids)
+        return tokens, remaining, slot, lookahead
 
     def _emit(self, tokens: list[int], remaining: list[float] | None) -> list[int]:
         finished = []
