@@ -105,12 +105,17 @@ def chosen_stats(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[list[int],
     return [int(t) for t in ids], logp, [int(r) for r in rank]
 
 
+def _native_logits(logits: torch.Tensor) -> bool:
+    """Whether cpu_ops.token_stats can read these logits as they are (contiguous CPU fp32)."""
+    return logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous()
+
+
 def token_stats(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(tokens[b]) under softmax(logits[b]) [B] and its 1-based rank [B] (1 + tokens strictly more likely).
 
     CPU fp32 logits take one native pass per row (cpu_ops.token_stats); others run in torch.
     """
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
+    if _native_logits(logits):
         return cpu_ops.token_stats(logits, tokens.to(torch.int64).contiguous())
     logits = logits.float()
     chosen = logits.gather(1, tokens.view(-1, 1))  # [B, 1]
@@ -125,7 +130,7 @@ CandidateStats = tuple[np.ndarray, np.ndarray, np.ndarray]  # candidate ids, log
 def cpu_candidate_stats(logits: torch.Tensor, cand: torch.Tensor) -> CandidateStats | None:
     """(ids, log p, rank) [B, K] of every candidate under the policy's logits, for CPU fp32 logits (one native pass
     per row); None elsewhere, where the chosen tokens' statistics are taken after the choice."""
-    if logits.device.type != "cpu" or logits.dtype != torch.float32 or not logits.is_contiguous():
+    if not _native_logits(logits):
         return None
     logp, rank = cpu_ops.token_stats(logits, cand)
     return cand.numpy(), logp.numpy(), rank.numpy()

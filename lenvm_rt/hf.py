@@ -78,6 +78,7 @@ class LengthGuidanceLogitsProcessor:
         self._cand: torch.Tensor | None = None
         self._selector = None
         self._settings: CandidateSettings | None = None
+        self._eos_rule: EosRule | None = None
         self._step = 0
 
     def _start(self, input_ids: torch.Tensor) -> None:
@@ -96,6 +97,7 @@ class LengthGuidanceLogitsProcessor:
             trunk.prefill(ids.to(self.device), lengths)
         self._positions = lengths
         self._settings = CandidateSettings.of([self.sampling] * B, self.eos, self.device)
+        self._eos_rule = EosRule([self.guidance] * B, self.device)
         seeds = np.array([self.sampling.seed] * B, dtype=np.uint64)
         self._selector = make_selector([self.guidance] * B, [self.sampling] * B, seeds, self.max_new_tokens,
                                        self.value.gamma, self.eos, self.device)
@@ -123,12 +125,10 @@ class LengthGuidanceLogitsProcessor:
             self._start(input_ids)
         self._seen = input_ids.cpu().clone()
         B = input_ids.shape[0]
-        g = self.guidance
-        eos_rule = EosRule([g] * B, self.device)
-        ban, force = eos_rule.masks(self._step)
+        ban, force = self._eos_rule.masks(self._step)
         with torch.inference_mode():
             cand, logp, _ = build_candidates(scores.float().to(self.device), self._settings, ban, force,
-                                             eos_rule.ending(self._step))
+                                             self._eos_rule.ending(self._step))
             x = self.value.trunk.lookahead(cand, self._positions)  # [B, K, D]
             z = self.value.values(x.reshape(B * cand.shape[1], -1))[0].view(B, -1)
             slot, token = self._selector.step(cand, logp, z)

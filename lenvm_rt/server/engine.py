@@ -323,8 +323,7 @@ class Engine:
             tokens = self._chooser(logits, steps)
             token_list, remaining = tokens.tolist(), None
         else:
-            tokens, remaining, slot, lookahead = self._valued(logits, steps, positions, pos)
-            token_list = tokens.tolist()
+            tokens, token_list, remaining, slot, lookahead = self._valued(logits, steps, positions, pos)
         finished = self._emit(token_list, remaining)
         self.steps += 1
         if len(finished) == B:
@@ -366,8 +365,9 @@ class Engine:
             g_slot, g_token = self._guide.step(self._guide_slots, cand[guided], logp[guided], z[guided])
             slot[guided] = g_slot.to(dev).clamp(min=0)
             tokens[guided] = g_token.to(dev)
-        remaining = chosen_remaining(z, slot.tolist(), tokens.tolist(), value.gamma, self.rt.eos_token_ids)
-        return tokens, remaining, slot, lookahead
+        token_list = tokens.tolist()
+        remaining = chosen_remaining(z, slot.tolist(), token_list, value.gamma, self.rt.eos_token_ids)
+        return tokens, token_list, remaining, slot, lookahead
 
     def _emit(self, tokens: list[int], remaining: list[float] | None) -> list[int]:
         finished = []
