@@ -338,6 +338,7 @@ void td_residual_map(const CArray<double>& u_prev, const CArray<double>& u_next,
 
 PYBIND11_MODULE(_core, m) {
     bind_trunk(m);
+    bind_panels(m);
     m.doc() = "Native core of lenvm_rt (C++17, numpy arrays only). Use lenvm_rt._native, not this module.";
     m.def("philox_uniform", &philox_uniform, py::arg("seeds").noconvert(), py::arg("offsets").noconvert(),
           py::arg("stream"), py::arg("out").noconvert(),

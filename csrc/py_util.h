@@ -31,3 +31,5 @@ void without_gil(Fn&& fn) {
 
 // Registers lenvm_rt._core.Trunk (csrc/trunk_bindings.cpp).
 void bind_trunk(py::module_& m);
+// Registers lenvm_rt._core.pack_panels and panel_linear (csrc/panel_bindings.cpp).
+void bind_panels(py::module_& m);

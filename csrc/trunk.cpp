@@ -1,6 +1,6 @@
 // The native decoder layers (contract in trunk.h).
 //
-// Structure: the matrix products go to lenvm::linear (its own kernels and threading); the rest of a layer (norms,
+// Structure: the matrix products go to lenvm::panel_linear (its own kernels and threading); the rest of a layer (norms,
 // SwiGLU, attention) runs through a small table of row- or task-level functions, built once per process in a
 // portable and an AVX2 + FMA build of the same code. This file is compiled with -ffp-contract=off (CMakeLists.txt),
 // so those AVX2 builds only widen the vectors and round every operation as the portable ones do. The lookahead's
@@ -16,6 +16,7 @@
 #include "cpu_features.h"
 #include "decode_ops.h"
 #include "linear.h"
+#include "panel_linear.h"
 #include "thread_pool.h"
 
 namespace lenvm {
@@ -178,7 +179,7 @@ void Trunk::attention_input(const TrunkLayer& layer, const float* x, std::int64_
     over_rows(m, s.hidden, [&](std::int64_t a, std::int64_t b) {
         k.rms_norm(x + a * s.hidden, layer.input_norm, s.eps, norm_.data() + a * s.hidden, b - a, s.hidden);
     });
-    linear(norm_.data(), layer.qkv, layer.qkv_bias, qkv_.data(), m, width, s.hidden, default_pool());
+    panel_linear(norm_.data(), layer.qkv, layer.qkv_bias, qkv_.data(), m, width, s.hidden, default_pool());
     if (layer.q_norm == nullptr) return;
     for (std::int64_t r = 0; r < m; ++r) {  // per-head norms in place: rows of Dh
         float* row = qkv_.data() + r * width;
@@ -191,16 +192,16 @@ void Trunk::mlp_residual(const TrunkLayer& layer, float* x, std::int64_t m) {
     const TrunkShape& s = shape_;
     const ElementwiseKernels& k = kernels();
     ThreadPool& pool = default_pool();
-    linear(attn_.data(), layer.o, layer.o_bias, proj_.data(), m, s.hidden, s.heads * s.head_dim, pool);
+    panel_linear(attn_.data(), layer.o, layer.o_bias, proj_.data(), m, s.hidden, s.heads * s.head_dim, pool);
     add_into(x, proj_.data(), m * s.hidden);
     over_rows(m, s.hidden, [&](std::int64_t a, std::int64_t b) {
         k.rms_norm(x + a * s.hidden, layer.post_norm, s.eps, norm_.data() + a * s.hidden, b - a, s.hidden);
     });
-    linear(norm_.data(), layer.gate_up, layer.gate_up_bias, gate_up_.data(), m, 2 * s.intermediate, s.hidden, pool);
+    panel_linear(norm_.data(), layer.gate_up, layer.gate_up_bias, gate_up_.data(), m, 2 * s.intermediate, s.hidden, pool);
     over_rows(m, 2 * s.intermediate, [&](std::int64_t a, std::int64_t b) {
         k.swiglu(gate_up_.data() + a * 2 * s.intermediate, act_.data() + a * s.intermediate, b - a, s.intermediate);
     });
-    linear(act_.data(), layer.down, layer.down_bias, proj_.data(), m, s.hidden, s.intermediate, pool);
+    panel_linear(act_.data(), layer.down, layer.down_bias, proj_.data(), m, s.hidden, s.intermediate, pool);
     add_into(x, proj_.data(), m * s.hidden);
 }
 

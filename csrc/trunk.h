@@ -15,12 +15,12 @@
 //                                                // candidate slot[b]'s K/V into cache position positions[b]
 //
 // Per layer: x += o(attention(rope(qkv(norm(x))))), x += down(swiglu(gate_up(norm(x)))), with Qwen3's per-head
-// q / k norms before RoPE and optional biases. Every piece is the per-op path's own function (lenvm::linear,
+// q / k norms before RoPE and optional biases. Every piece is the per-op path's own function (lenvm::panel_linear,
 // rms_norm, swiglu and the attention of decode_ops.h; on AVX2 CPUs the lookahead's attention runs as register
 // tiles over four candidates, attention_avx2.h), so a row's result depends only on that row (and its cache),
 // never on B, K or the thread count. The kernel family follows linear.h's choice: the norm, SwiGLU and decode
 // attention loops are compiled twice, portable and AVX2, without contracting multiplies and adds (the same bits
-// either way); linear and the tiled lookahead attention use fused multiply-adds on AVX2, so the two families
+// either way); panel_linear and the tiled lookahead attention use fused multiply-adds on AVX2, so the two families
 // agree to rounding. Calls on one Trunk are serialised by a mutex (they share scratch memory). Arguments are checked
 // by the caller (csrc/trunk_bindings.cpp).
 #pragma once
@@ -36,7 +36,8 @@ struct TrunkShape {
     float eps, scale;
 };
 
-// One layer's weights: norms [D], qkv [(H + 2 Hkv) Dh, D], o [D, H Dh], gate_up [2 I, D], down [D, I];
+// One layer's weights: norms [D], qkv [(H + 2 Hkv) Dh, D], o [D, H Dh], gate_up [2 I, D], down [D, I], the four
+// matrices packed as panels (panel_linear.h);
 // biases and the q / k norms [Dh] may be null.
 struct TrunkLayer {
     const float *input_norm, *qkv, *qkv_bias, *q_norm, *k_norm, *o, *o_bias, *post_norm, *gate_up, *gate_up_bias,

@@ -2,8 +2,8 @@
 //
 // Trunk(layers: int, hidden, heads, kv_heads, head_dim, intermediate, eps: float, scale: float, weights: list)
 //   weights[l] = (input_norm, qkv, qkv_bias, q_norm, k_norm, o, o_bias, post_norm, gate_up, gate_up_bias, down,
-//   down_bias): float32 C-contiguous arrays of the shapes in trunk.h; biases and q_norm / k_norm may be None
-//   (q_norm and k_norm both or neither). The Trunk keeps references to every array it was given.
+//   down_bias): float32 C-contiguous arrays of the shapes in trunk.h, the four matrices packed as panels
+//   [ceil(N / 8), K, 8] (csrc/panel_linear.h); biases and q_norm / k_norm may be None (both or neither). The Trunk keeps references to every array it was given.
 // set_cache(k: list[float32[Bc, Hkv, C, Dh]], v: same, cos: float32[C', Dh], sin: same), C' >= C; clear_cache()
 // decode(x: float32[B, D], positions: int32[B]): positions in [0, C), B <= Bc; x updated in place
 // lookahead(x: float32[B K, D], positions: int32[B], k_new: float32[L, B, Hkv, K, Dh], v_new: same):
@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "errors.h"
+#include "panel_linear.h"
 #include "py_util.h"
 #include "trunk.h"
 
@@ -30,7 +31,7 @@ constexpr const char* kFields[] = {"input_norm", "qkv",       "qkv_bias",     "q
 constexpr std::size_t kFieldCount = sizeof(kFields) / sizeof(kFields[0]);
 
 struct Shape2 {
-    py::ssize_t rows, cols;  // cols < 0: a 1-D array of `rows`
+    py::ssize_t rows, cols;  // cols < 0: a 1-D array of `rows`; else a matrix [rows, cols] packed as panels
 };
 
 const float* weight_pointer(const py::handle& value, const std::string& name, Shape2 shape, bool optional,
@@ -44,11 +45,13 @@ const float* weight_pointer(const py::handle& value, const std::string& name, Sh
     const auto array = py::reinterpret_borrow<py::array>(value);
     lenvm::check(array.dtype().is(py::dtype::of<float>()) && (array.flags() & py::array::c_style), name.c_str(),
                  "a C-contiguous float32 array", py::str(array.dtype()).cast<std::string>());
+    const py::ssize_t panels = lenvm::panel_count(shape.rows);
     const bool ok = shape.cols < 0 ? array.ndim() == 1 && array.shape(0) == shape.rows
-                                   : array.ndim() == 2 && array.shape(0) == shape.rows && array.shape(1) == shape.cols;
+                                   : array.ndim() == 3 && array.shape(0) == panels && array.shape(1) == shape.cols &&
+                                         array.shape(2) == lenvm::kPanelRows;
     const std::string expected = shape.cols < 0 ? "shape (" + std::to_string(shape.rows) + ",)"
-                                                : "shape (" + std::to_string(shape.rows) + ", " +
-                                                      std::to_string(shape.cols) + ")";
+                                                : "panels of shape (" + std::to_string(panels) + ", " +
+                                                      std::to_string(shape.cols) + ", 8)";
     lenvm::check(ok, name.c_str(), expected, py::str(array.attr("shape")).cast<std::string>());
     keep.push_back(py::reinterpret_borrow<py::object>(value));
     return static_cast<const float*>(array.data());

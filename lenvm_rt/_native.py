@@ -9,6 +9,9 @@ Contract:
     set_num_threads(n) / get_num_threads(): threads of the native pool (calling thread included), n in
         [1, 1024]; the default is LENVM_RT_NUM_THREADS, else min(cores, 8).
     linear_kernel() -> "avx2_fma" | "scalar": the kernel `linear` uses in this process.
+    pack_panels(weight: float32[N, K], out: float32[ceil(N / 8), K, 8]) / panel_linear(x, panels, n, bias, out):
+        the same product over a weight packed in panels of 8 rows (csrc/panel_linear.h): out[m, j] is one ordered
+        sum over K, again bit-identical for any M and thread count.
     GuidanceBatch(capacity, eos_ids): length-guided selection (rules of `select_ref.select_row`) for a slot
         table of requests; `step(rows, cand_ids, cand_logp, cand_z, out_slot, out_token, out_done)` is the one
         native call per decode step for the whole batch, GIL released.
@@ -266,6 +269,16 @@ def rope_lookahead_attention(qkv: np.ndarray, cos: np.ndarray, sin: np.ndarray, 
     """Tree-masked lookahead attention (csrc/decode_ops.h); float32, positions int32[B]."""
     _core.rope_lookahead_attention(qkv, cos, sin, k_cache, v_cache, positions, int(heads), float(scale), out, k_new,
                                    v_new)
+
+
+def pack_panels(weight: np.ndarray, out: np.ndarray) -> None:
+    """out[p, kk, l] = weight[8 p + l, kk] (0 past the last row); float32, out [ceil(N / 8), K, 8]."""
+    _core.pack_panels(weight, out)
+
+
+def panel_linear(x: np.ndarray, panels: np.ndarray, n: int, bias: np.ndarray | None, out: np.ndarray) -> None:
+    """out = x @ weight.T + bias for weight [n, K] packed by pack_panels; float32, x [M, K], out [M, n]."""
+    _core.panel_linear(x, panels, int(n), bias, out)
 
 
 Trunk = _core.Trunk

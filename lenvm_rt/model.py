@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -37,7 +38,8 @@ from . import cpu_ops
 from .config import ModelConfig, RopeConfig
 from .weights import LayerWeights, ModelWeights
 
-NATIVE_MAX_ROWS = 64  # rows per call up to which the C++ skinny GEMM beats torch on CPU
+NATIVE_MAX_ROWS = 64  # rows per call up to which the native trunk and the C++ skinny GEMM beat torch on CPU
+_MATRICES = ("qkv", "o", "gate_up", "down")
 
 
 def right_padded(prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, list[int]]:
@@ -77,11 +79,15 @@ class CausalLM:
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights) -> None:
         self.cfg = cfg
-        self.w = weights
         self.device = weights.embed.device
         self.dtype = weights.final_norm.dtype
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self._native_linear = self.device.type == "cpu" and self.dtype == torch.float32
+        if self._native_linear:  # every projection runs on the native panel kernel, which reads its own layout
+            weights = replace(weights, layers=[
+                replace(layer, **{name: cpu_ops.pack_panels(getattr(layer, name)) for name in _MATRICES})
+                for layer in weights.layers])
+        self.w = weights
         self.k_cache: list[torch.Tensor] = []  # per layer [Bcap, Hkv, C, Dh]
         self.v_cache: list[torch.Tensor] = []
         self.capacity = 0
@@ -115,11 +121,14 @@ class CausalLM:
             self._trunk.set_cache(self.k_cache, self.v_cache, self._cos, self._sin)
 
     # ---- forward pieces -------------------------------------------------------------------------
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ weight.T + bias. Decode-sized CPU fp32 calls go to the C++ core's skinny GEMM, which reads
-        each weight row once for all rows of x at ~2x torch's GEMV bandwidth on 2 cores
-        (benchmarks/results/bench_linear.json) and gives every row the same bits whatever the batch;
-        larger calls (prefill) stay with torch's GEMM."""
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor | cpu_ops.PanelWeight,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ weight.T + bias. CPU fp32 layers hold their matrices packed in panels (cpu_ops.PanelWeight), whose
+        native kernel reads each weight once for all rows of x and gives every row the same bits whatever the
+        batch. The LM head stays a plain matrix (it is the embedding when tied): up to NATIVE_MAX_ROWS rows on
+        the core's skinny GEMM, which has the same per-row property, above that torch's GEMM."""
+        if isinstance(weight, cpu_ops.PanelWeight):
+            return cpu_ops.panel_linear(x.contiguous(), weight, bias)
         if self._native_linear and x.numel() <= NATIVE_MAX_ROWS * x.shape[-1]:
             return cpu_ops.linear(x.contiguous(), weight, bias)
         return F.linear(x, weight, bias)

@@ -13,6 +13,7 @@ import torch
 from checkpoints import make_checkpoint, make_value_head
 
 import lenvm_rt
+from lenvm_rt.cpu_ops import PanelWeight
 from lenvm_rt.value_math import logit_of_length
 from lenvm_rt.values import ValueModel
 
@@ -38,7 +39,8 @@ def oracle_runtime(root: Path, eos_on_top: bool) -> lenvm_rt.Runtime:
     runtime = lenvm_rt.load(policy, value_model=value, device="cpu")
     vm = runtime.value
     layer = vm.trunk.w.layers[0]
-    layer.o, layer.down = torch.zeros_like(layer.o), torch.zeros_like(layer.down)  # hidden = embedding
+    for matrix in (layer.o, layer.down):  # in place, so the native trunk reads the zeros too: hidden = embedding
+        (matrix.panels if isinstance(matrix, PanelWeight) else matrix).zero_()
     runtime.value = OracleValues(vm.head, vm.gamma, vm.trunk, vm.source, 1e-5)
     if eos_on_top:
         policy_logits = runtime.model.logits

@@ -153,8 +153,7 @@ def _core_args(model: CausalLM) -> tuple:
 
 
 def _weights(model: CausalLM) -> list[tuple]:
-    return [tuple(None if getattr(layer, f) is None else getattr(layer, f).numpy() for f in cpu_ops._TRUNK_FIELDS)
-            for layer in model.w.layers]
+    return [tuple(cpu_ops._trunk_array(getattr(layer, f)) for f in cpu_ops._TRUNK_FIELDS) for layer in model.w.layers]
 
 
 def _replace(layer: tuple, field: str, value: object) -> tuple:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Sampling
+from ..cpu_ops import PanelWeight
 from ..runtime import Runtime
 from .report import format_table, stats_ms, write_record
 
@@ -86,7 +87,8 @@ def run(rt: Runtime, *, tokens: int = 64, repeats: int = 5, model_name: str = "d
     hf = AutoModelForCausalLM.from_pretrained(rt.directory, dtype=rt.dtype).eval()
     prompt = rt.encode(PROMPT)
     eos = sorted(rt.eos_token_ids)
-    matrices = rt.model.w.matrices()
+    # the floor reads the matrices in torch's own layout (a CPU fp32 model holds its layers packed in panels)
+    matrices = [w.unpacked() if isinstance(w, PanelWeight) else w for w in rt.model.w.matrices()]
     inputs = {k: torch.randn(1, k, dtype=rt.dtype) for k in {w.shape[1] for w in matrices}}
     weight_bytes = sum(w.numel() * w.element_size() for w in matrices)
     samples: dict[str, list[float]] = {"lenvm_rt": [], "transformers": [], "torch_floor": []}

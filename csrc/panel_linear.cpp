@@ -1,0 +1,201 @@
+// Linear layer over panel-packed weights (contract in panel_linear.h).
+//
+// Structure: panel_linear() cuts the panels into tasks of whole tiles and runs them on the pool. With one x row a
+// tile is kDecodePanels panels (32 outputs); with more, x is first regrouped as
+// [ceil(m / 4), k, 4] so that a tile of up to 4 rows by kGemmPanels panels broadcasts its 4 x values from one
+// 16-byte run, and each panel group stays in cache while every row group passes. Every tile size runs the same
+// per-element sequence (zeroed accumulator, one multiply-add per kk in increasing order, then bias).
+#include "panel_linear.h"
+
+#include <algorithm>
+#include <array>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "cpu_features.h"
+#include "linear.h"
+
+#if LENVM_HAS_X86
+#include <immintrin.h>
+#endif
+
+namespace lenvm {
+
+namespace {
+
+constexpr int kRowGroup = 4;      // x rows per group (and per tile) when m > 1
+constexpr int kGemmPanels = 3;    // panels per tile when m > 1
+constexpr int kDecodePanels = 4;  // panels per tile when m == 1
+// Task sizing as in linear.cpp: ~kTaskCost units (a weight byte streamed or a multiply-add), at least
+// kMinTasksPerThread tasks per thread, and no pool below kSerialMacs multiply-adds.
+constexpr std::int64_t kTaskCost = 128 * 1024;
+constexpr std::int64_t kMinTasksPerThread = 8;
+constexpr std::int64_t kSerialMacs = 32 * 1024;
+
+// Writes tile results: acc holds rows x (panels 8) sums; only columns < n are stored.
+void store_tile(const float* acc, int rows, int panels, const float* bias, float* out, std::int64_t n,
+                std::int64_t col0) {
+    const std::int64_t cols = std::min<std::int64_t>(panels * kPanelRows, n - col0);
+    for (int i = 0; i < rows; ++i) {
+        for (std::int64_t c = 0; c < cols; ++c) {
+            const float sum = acc[i * panels * kPanelRows + c];
+            out[i * n + col0 + c] = bias != nullptr ? sum + bias[col0 + c] : sum;
+        }
+    }
+}
+
+// x values of tile row i at step kk sit at xs[kk * x_step + i] (x_step 1 for one row, 4 for a row group).
+using TileFn = void (*)(const float* xs, std::int64_t x_step, const float* panels, std::int64_t k, const float* bias,
+                        float* out, std::int64_t n, std::int64_t col0);
+
+// ---- portable kernel -----------------------------------------------------------------------------------
+
+template <int MR, int NP>
+void tile_portable(const float* xs, std::int64_t x_step, const float* panels, std::int64_t k, const float* bias,
+                   float* out, std::int64_t n, std::int64_t col0) {
+    float acc[MR * NP * kPanelRows] = {};
+    for (std::int64_t kk = 0; kk < k; ++kk) {
+        for (int i = 0; i < MR; ++i) {
+            const float xv = xs[kk * x_step + i];
+            for (int p = 0; p < NP; ++p) {
+                const float* w = panels + (p * k + kk) * kPanelRows;
+                float* a = acc + (i * NP + p) * kPanelRows;
+                for (int l = 0; l < kPanelRows; ++l) {
+                    const float product = xv * w[l];
+                    a[l] = a[l] + product;
+                }
+            }
+        }
+    }
+    store_tile(acc, MR, NP, bias, out, n, col0);
+}
+
+// ---- AVX2 + FMA kernel ---------------------------------------------------------------------------------
+
+#if LENVM_HAS_X86
+template <int MR, int NP>
+LENVM_AVX2_FMA void tile_avx2(const float* xs, std::int64_t x_step, const float* panels, std::int64_t k,
+                              const float* bias, float* out, std::int64_t n, std::int64_t col0) {
+    __m256 acc[MR][NP];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 16
+        for (int p = 0; p < NP; ++p) acc[i][p] = _mm256_setzero_ps();
+    }
+    for (std::int64_t kk = 0; kk < k; ++kk) {
+        __m256 wv[NP];
+#pragma GCC unroll 16
+        for (int p = 0; p < NP; ++p) wv[p] = _mm256_loadu_ps(panels + (p * k + kk) * kPanelRows);
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; ++i) {
+            const __m256 xv = _mm256_broadcast_ss(xs + kk * x_step + i);
+#pragma GCC unroll 16
+            for (int p = 0; p < NP; ++p) acc[i][p] = _mm256_fmadd_ps(xv, wv[p], acc[i][p]);
+        }
+    }
+    alignas(32) float sums[MR * NP * kPanelRows];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 16
+        for (int p = 0; p < NP; ++p) _mm256_store_ps(sums + (i * NP + p) * kPanelRows, acc[i][p]);
+    }
+    store_tile(sums, MR, NP, bias, out, n, col0);
+}
+#endif
+
+// tiles()[r - 1][p - 1]: r rows by p panels, for r <= kRowGroup and p <= kDecodePanels.
+template <bool kAvx2, int MR, std::size_t... P>
+constexpr std::array<TileFn, sizeof...(P)> tiles_for_rows(std::index_sequence<P...>) {
+#if LENVM_HAS_X86
+    if constexpr (kAvx2) return {{&tile_avx2<MR, static_cast<int>(P) + 1>...}};
+#endif
+    return {{&tile_portable<MR, static_cast<int>(P) + 1>...}};
+}
+
+template <bool kAvx2, std::size_t... R>
+constexpr std::array<std::array<TileFn, kDecodePanels>, sizeof...(R)> tile_table(std::index_sequence<R...>) {
+    return {{tiles_for_rows<kAvx2, static_cast<int>(R) + 1>(std::make_index_sequence<kDecodePanels>{})...}};
+}
+
+using TileTable = std::array<std::array<TileFn, kDecodePanels>, kRowGroup>;
+
+const TileTable& tiles() {
+    static const TileTable selected = [] {
+#if LENVM_HAS_X86
+        if (std::string(linear_kernel_name()) == "avx2_fma")
+            return tile_table<true>(std::make_index_sequence<kRowGroup>{});
+#endif
+        return tile_table<false>(std::make_index_sequence<kRowGroup>{});
+    }();
+    return selected;
+}
+
+// Panels [p_begin, p_end) for all rows. xs: x itself when m == 1, else the row groups [ceil(m / 4), k, 4].
+void run_panels(const float* xs, const float* panels, const float* bias, float* out, std::int64_t m, std::int64_t n,
+                std::int64_t k, std::int64_t p_begin, std::int64_t p_end) {
+    const TileTable& table = tiles();
+    if (m == 1) {
+        for (std::int64_t p = p_begin; p < p_end; p += kDecodePanels) {
+            const auto np = static_cast<std::size_t>(std::min<std::int64_t>(kDecodePanels, p_end - p));
+            table[0][np - 1](xs, 1, panels + p * k * kPanelRows, k, bias, out, n, p * kPanelRows);
+        }
+        return;
+    }
+    for (std::int64_t p = p_begin; p < p_end; p += kGemmPanels) {
+        const auto np = static_cast<std::size_t>(std::min<std::int64_t>(kGemmPanels, p_end - p));
+        for (std::int64_t i = 0; i < m; i += kRowGroup) {
+            const auto rows = static_cast<std::size_t>(std::min<std::int64_t>(kRowGroup, m - i));
+            table[rows - 1][np - 1](xs + i * k, kRowGroup, panels + p * k * kPanelRows, k, bias, out + i * n, n,
+                                    p * kPanelRows);
+        }
+    }
+}
+
+std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+void pack_panels(const float* w, std::int64_t n, std::int64_t k, float* panels) {
+    for (std::int64_t p = 0; p < panel_count(n); ++p) {
+        for (std::int64_t kk = 0; kk < k; ++kk) {
+            float* dst = panels + (p * k + kk) * kPanelRows;
+            for (std::int64_t l = 0; l < kPanelRows; ++l) {
+                const std::int64_t row = p * kPanelRows + l;
+                dst[l] = row < n ? w[row * k + kk] : 0.0f;
+            }
+        }
+    }
+}
+
+void panel_linear(const float* x, const float* panels, const float* bias, float* out, std::int64_t m, std::int64_t n,
+                  std::int64_t k, ThreadPool& pool) {
+    if (m <= 0 || n <= 0) return;
+    const float* xs = x;
+    thread_local std::vector<float> groups;
+    if (m > 1) {  // row groups [ceil(m / 4), k, 4], zero rows past m
+        groups.assign(static_cast<std::size_t>(ceil_div(m, kRowGroup) * kRowGroup * k), 0.0f);
+        for (std::int64_t i = 0; i < m; ++i) {
+            float* dst = groups.data() + (i / kRowGroup) * k * kRowGroup + i % kRowGroup;
+            for (std::int64_t kk = 0; kk < k; ++kk) dst[kk * kRowGroup] = x[i * k + kk];
+        }
+        xs = groups.data();
+    }
+    const std::int64_t total = panel_count(n), tile = m == 1 ? kDecodePanels : kGemmPanels;
+    const std::int64_t threads = pool.num_threads();
+    const std::int64_t panel_cost = std::max<std::int64_t>(k, 1) * std::max<std::int64_t>(m, 4) * kPanelRows;
+    const std::int64_t for_cost = std::max<std::int64_t>(kTaskCost / panel_cost, 1);
+    const std::int64_t for_balance = ceil_div(total, threads * kMinTasksPerThread);
+    const std::int64_t per_task = ceil_div(std::min(for_cost, for_balance), tile) * tile;
+    const std::int64_t n_tasks = ceil_div(total, per_task);
+    if (threads == 1 || n_tasks == 1 || m * n * k < kSerialMacs) {
+        run_panels(xs, panels, bias, out, m, n, k, 0, total);
+        return;
+    }
+    pool.run(n_tasks, [&](std::int64_t task) {
+        const std::int64_t begin = task * per_task;
+        run_panels(xs, panels, bias, out, m, n, k, begin, std::min(total, begin + per_task));
+    });
+}
+
+}  // namespace lenvm
