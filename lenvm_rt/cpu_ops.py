@@ -103,6 +103,12 @@ class PanelWeight:
     def element_size(self) -> int:
         return self.panels.element_size()
 
+    def rows_at(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ids[...] of the matrix -> [..., K], as torch.nn.functional.embedding would give (a tied embedding)."""
+        if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < self.rows:
+            raise IndexError(f"ids: expected row indices in [0, {self.rows}), got {int(ids.min())}..{int(ids.max())}")
+        return self.panels[ids // 8, :, ids % 8]
+
     def unpacked(self) -> torch.Tensor:
         """A new [rows, K] tensor with the original layout."""
         return self.panels.permute(0, 2, 1).reshape(-1, self.panels.shape[1])[: self.rows].contiguous()

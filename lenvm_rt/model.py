@@ -74,6 +74,19 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _packed(weights: ModelWeights) -> ModelWeights:
+    """CPU fp32: every layer matrix and the LM head as panels (cpu_ops.PanelWeight), which the native kernels
+    stream faster than the plain layout; a tied embedding becomes the packed head, read row by row. Nothing is
+    kept twice: the returned weights share no matrix with the argument."""
+    layers = [replace(layer, **{name: cpu_ops.pack_panels(getattr(layer, name)) for name in _MATRICES})
+              for layer in weights.layers]
+    if not weights.lm_head.numel():  # a separate LenVM backbone never runs an LM head
+        return replace(weights, layers=layers)
+    head = cpu_ops.pack_panels(weights.lm_head)
+    embed = head if weights.lm_head is weights.embed else weights.embed
+    return replace(weights, layers=layers, lm_head=head, embed=embed)
+
+
 class CausalLM:
     """Inference-only decoder over ModelWeights; call under torch.inference_mode()."""
 
@@ -83,10 +96,8 @@ class CausalLM:
         self.dtype = weights.final_norm.dtype
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self._native_linear = self.device.type == "cpu" and self.dtype == torch.float32
-        if self._native_linear:  # every projection runs on the native panel kernel, which reads its own layout
-            weights = replace(weights, layers=[
-                replace(layer, **{name: cpu_ops.pack_panels(getattr(layer, name)) for name in _MATRICES})
-                for layer in weights.layers])
+        if self._native_linear:
+            weights = _packed(weights)
         self.w = weights
         self.k_cache: list[torch.Tensor] = []  # per layer [Bcap, Hkv, C, Dh]
         self.v_cache: list[torch.Tensor] = []
@@ -123,14 +134,11 @@ class CausalLM:
     # ---- forward pieces -------------------------------------------------------------------------
     def _linear(self, x: torch.Tensor, weight: torch.Tensor | cpu_ops.PanelWeight,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ weight.T + bias. CPU fp32 layers hold their matrices packed in panels (cpu_ops.PanelWeight), whose
+        """x @ weight.T + bias. A CPU fp32 model holds its matrices packed in panels (cpu_ops.PanelWeight), whose
         native kernel reads each weight once for all rows of x and gives every row the same bits whatever the
-        batch. The LM head stays a plain matrix (it is the embedding when tied): up to NATIVE_MAX_ROWS rows on
-        the core's skinny GEMM, which has the same per-row property, above that torch's GEMM."""
+        batch; other devices and dtypes use torch."""
         if isinstance(weight, cpu_ops.PanelWeight):
             return cpu_ops.panel_linear(x.contiguous(), weight, bias)
-        if self._native_linear and x.numel() <= NATIVE_MAX_ROWS * x.shape[-1]:
-            return cpu_ops.linear(x.contiguous(), weight, bias)
         return F.linear(x, weight, bias)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -161,6 +169,12 @@ class CausalLM:
         gate, up = self._linear(self._norm(x, layer.post_norm), layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
         return x + self._linear(F.silu(gate) * up, layer.down, layer.down_bias)
 
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows ids[...] -> [..., D]."""
+        if isinstance(self.w.embed, cpu_ops.PanelWeight):
+            return self.w.embed.rows_at(ids)
+        return F.embedding(ids, self.w.embed)
+
     def normed(self, x: torch.Tensor) -> torch.Tensor:
         """The final RMSNorm: last hidden states [..., D] -> the tensor the LM head consumes."""
         return self._norm(x, self.w.final_norm)
@@ -186,7 +200,7 @@ class CausalLM:
         cfg = self.cfg
         cos, sin = self._cos[:S], self._sin[:S]  # [S, Dh], broadcast over [B, H, S, Dh]
         rows = slice(0, B) if slots is None else torch.tensor(slots, device=ids.device)
-        x = F.embedding(ids, self.w.embed)  # [B, S, D]
+        x = self._embed(ids)  # [B, S, D]
         for i, layer in enumerate(self.w.layers):
             q, k, v = self._qkv(layer, x, cos, sin)
             self.k_cache[i][rows, :, :S] = k
@@ -207,7 +221,7 @@ class CausalLM:
         """
         cfg = self.cfg
         B = ids.shape[0]
-        x = F.embedding(ids.view(B, 1), self.w.embed)  # [B, 1, D]
+        x = self._embed(ids.view(B, 1))  # [B, 1, D]
         if self._trunk is not None and B <= NATIVE_MAX_ROWS:
             return self._trunk.decode(x, np.array(positions, dtype=np.int32))
         if self._native_linear and not cfg.qk_norm:
@@ -297,7 +311,7 @@ class CausalLM:
         """
         cfg = self.cfg
         B, K = cand.shape
-        x = F.embedding(cand, self.w.embed)  # [B, K, D]
+        x = self._embed(cand)  # [B, K, D]
         self._pending, self._pending_native = [], None
         if self._trunk is not None and B * K <= NATIVE_MAX_ROWS:
             x, self._pending_native = self._trunk.lookahead(x, np.array(positions, dtype=np.int32))

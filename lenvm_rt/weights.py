@@ -135,7 +135,7 @@ class LayerWeights:
 
 @dataclass
 class ModelWeights:
-    embed: torch.Tensor  # [V, D]
+    embed: torch.Tensor  # [V, D] (a CPU fp32 CausalLM holds its layers' matrices and LM head as cpu_ops.PanelWeight)
     layers: list[LayerWeights]
     final_norm: torch.Tensor  # [D]
     lm_head: torch.Tensor  # [V, D]; the same tensor as embed when tied

@@ -26,7 +26,8 @@ class OracleValues(ValueModel):
     """z = logit_of_length(r(token)) for the token whose embedding row is x."""
 
     def values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embed = self.trunk.w.embed.float()
+        embed = self.trunk.w.embed
+        embed = embed.unpacked() if isinstance(embed, PanelWeight) else embed.float()
         token = torch.cdist(x.float(), embed).argmin(dim=-1)
         z = logit_of_length(ORACLE[token], self.gamma).float()
         return z, torch.sigmoid(z)

@@ -14,9 +14,12 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from checkpoints import make_checkpoint
 from subproc import run_python
 
 from lenvm_rt import _native, cpu_ops
+from lenvm_rt.model import CausalLM
+from lenvm_rt.weights import load_weights, read_config
 
 
 @pytest.fixture(autouse=True)
@@ -168,3 +171,26 @@ def test_portable_kernel_rounds_product_and_sum_apart() -> None:
                         env={**os.environ, "LENVM_RT_LINEAR_KERNEL": "scalar"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["scalar", "True"]
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_a_cpu_model_holds_its_matrices_once_as_panels(tmp_path, tied: bool) -> None:
+    directory = make_checkpoint(tmp_path, "llama", tied=tied)
+    cfg = read_config(directory)
+    weights = load_weights(directory, cfg, device=torch.device("cpu"), dtype=torch.float32)
+    model = CausalLM(cfg, weights)
+    for ours, theirs in zip(model.w.layers, weights.layers):
+        for name in ("qkv", "o", "gate_up", "down"):
+            packed = getattr(ours, name)
+            assert isinstance(packed, cpu_ops.PanelWeight) and torch.equal(packed.unpacked(), getattr(theirs, name))
+            assert not isinstance(getattr(theirs, name), cpu_ops.PanelWeight)  # the caller's weights are untouched
+    assert isinstance(model.w.lm_head, cpu_ops.PanelWeight)
+    assert torch.equal(model.w.lm_head.unpacked(), weights.lm_head)
+    assert (model.w.embed is model.w.lm_head) == tied  # a tied embedding is the packed head, not a second copy
+    ids = torch.tensor([[0, 5, 383], [17, 17, 2]])
+    assert torch.equal(model._embed(ids), torch.nn.functional.embedding(ids, weights.embed))
+    with pytest.raises(IndexError, match=r"ids: expected row indices in \[0, 384\)" if tied else "out of range"):
+        model._embed(torch.tensor([384]))
+    x = torch.randn(3, cfg.hidden_size)
+    ref = torch.nn.functional.linear(x.double(), weights.lm_head.double())
+    assert (model.lm_logits(x).double() - ref).abs().max().item() < 1e-4
