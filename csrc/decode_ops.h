@@ -81,17 +81,16 @@ inline float exp_nonpositive(float x) {
 
 // SiLU-gated product of the MLP: out[r, i] = silu(gate_up[r, i]) * gate_up[r, n + i] for gate_up[R, 2n], out[R, n],
 // silu(x) = x * sigmoid(x) with sigmoid from exp(-|x|) (exp_nonpositive, relative error < 2e-7).
+inline float silu_times(float x, float up) {
+    const float e = exp_nonpositive(x < 0.0f ? x : -x);  // exp(-|x|)
+    const float sigmoid = (x < 0.0f ? e : 1.0f) / (1.0f + e);
+    return (x * sigmoid) * up;
+}
+
 inline void swiglu(const float* gate_up, float* out, std::int64_t rows, std::int64_t n) {
     for (std::int64_t r = 0; r < rows; ++r) {
         const float* gate = gate_up + r * 2 * n;
-        const float* up = gate + n;
-        float* o = out + r * n;
-        for (std::int64_t i = 0; i < n; ++i) {
-            const float x = gate[i];
-            const float e = exp_nonpositive(x < 0.0f ? x : -x);  // exp(-|x|)
-            const float sigmoid = (x < 0.0f ? e : 1.0f) / (1.0f + e);
-            o[i] = (x * sigmoid) * up[i];
-        }
+        for (std::int64_t i = 0; i < n; ++i) out[r * n + i] = silu_times(gate[i], gate[n + i]);
     }
 }
 

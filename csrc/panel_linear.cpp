@@ -173,8 +173,9 @@ void panel_linear(const float* x, const float* panels, const float* bias, float*
     if (m <= 0 || n <= 0) return;
     const float* xs = x;
     thread_local std::vector<float> groups;
-    if (m > 1) {  // row groups [ceil(m / 4), k, 4], zero rows past m
-        groups.assign(static_cast<std::size_t>(ceil_div(m, kRowGroup) * kRowGroup * k), 0.0f);
+    if (m > 1) {  // row groups [ceil(m / 4), k, 4]; a last group's lanes past m are never read
+        const auto size = static_cast<std::size_t>(ceil_div(m, kRowGroup) * kRowGroup * k);
+        if (groups.size() < size) groups.resize(size);
         for (std::int64_t i = 0; i < m; ++i) {
             float* dst = groups.data() + (i / kRowGroup) * k * kRowGroup + i % kRowGroup;
             for (std::int64_t kk = 0; kk < k; ++kk) dst[kk * kRowGroup] = x[i * k + kk];

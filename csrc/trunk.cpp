@@ -76,8 +76,35 @@ LENVM_AVX2_FLAT void rms_norm_avx2(const float* x, const float* w, float eps, fl
                                    std::int64_t d) {
     rms_norm(x, w, eps, out, rows, d);
 }
-LENVM_AVX2_FLAT void swiglu_avx2(const float* gate_up, float* out, std::int64_t rows, std::int64_t n) {
-    swiglu(gate_up, out, rows, n);
+// swiglu of decode_ops.h written out in 8 lanes (the compiler leaves that loop scalar): the same operations in the
+// same order, each rounded alone, so both families give the same bits.
+LENVM_AVX2_FMA void swiglu_avx2(const float* gate_up, float* out, std::int64_t rows, std::int64_t n) {
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), floor = _mm256_set1_ps(-87.0f);
+    const __m256 log2e = _mm256_set1_ps(1.44269504088896341f), shifter = _mm256_set1_ps(12582912.0f);
+    const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(2.12194440e-4f);
+    const float taylor[] = {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f};
+    const std::int64_t main = n - n % 8;
+    for (std::int64_t r = 0; r < rows; ++r) {
+        const float* gate = gate_up + r * 2 * n;
+        const float* up = gate + n;
+        float* o = out + r * n;
+        for (std::int64_t i = 0; i < main; i += 8) {
+            const __m256 x = _mm256_loadu_ps(gate + i);
+            const __m256 negative = _mm256_cmp_ps(x, zero, _CMP_LT_OQ);
+            __m256 t = _mm256_blendv_ps(_mm256_xor_ps(x, _mm256_set1_ps(-0.0f)), x, negative);  // -|x|
+            t = _mm256_max_ps(floor, t);
+            const __m256 k = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(t, log2e), shifter), shifter);
+            const __m256 f = _mm256_add_ps(_mm256_sub_ps(t, _mm256_mul_ps(k, ln2_hi)), _mm256_mul_ps(k, ln2_lo));
+            __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+            for (const float c : taylor) p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(c));
+            const __m256i exponent = _mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127));
+            const __m256i bits = _mm256_slli_epi32(exponent, 23);
+            const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+            const __m256 sigmoid = _mm256_div_ps(_mm256_blendv_ps(one, e, negative), _mm256_add_ps(one, e));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(x, sigmoid), _mm256_loadu_ps(up + i)));
+        }
+        for (std::int64_t i = main; i < n; ++i) o[i] = silu_times(gate[i], up[i]);
+    }
 }
 LENVM_AVX2_FLAT void decode_task_avx2(const DecodeAttention& a, std::int64_t task) {
     decode_attention_task(a.q, a.k_cache, a.v_cache, a.span, a.scale, a.out, a.shape, task);
@@ -149,6 +176,10 @@ void add_into(float* x, const float* y, std::int64_t n) {
 }
 
 }  // namespace
+
+void trunk_swiglu(const float* gate_up, float* out, std::int64_t rows, std::int64_t n) {
+    kernels().swiglu(gate_up, out, rows, n);
+}
 
 Trunk::Trunk(const TrunkShape& shape, std::vector<TrunkLayer> layers) : shape_(shape), layers_(std::move(layers)) {}
 

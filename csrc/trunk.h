@@ -50,6 +50,10 @@ struct TrunkCache {
     const float *cos, *sin;  // [capacity, Dh]
 };
 
+// The SwiGLU of the trunk's kernel family: out[r, i] = silu(gate_up[r, i]) * gate_up[r, n + i] (decode_ops.h's
+// formula; the AVX2 family computes it 8 lanes at a time with the same bits).
+void trunk_swiglu(const float* gate_up, float* out, std::int64_t rows, std::int64_t n);
+
 class Trunk {
 public:
     Trunk(const TrunkShape& shape, std::vector<TrunkLayer> layers);

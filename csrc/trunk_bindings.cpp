@@ -9,6 +9,7 @@
 // lookahead(x: float32[B K, D], positions: int32[B], k_new: float32[L, B, Hkv, K, Dh], v_new: same):
 //   positions in [1, C) (a candidate needs a cached prefix)
 // commit(k_new, v_new, slot: int64[B], positions: int32[B]): slot in [0, K), positions in [0, C)
+// swiglu(gate_up: float32[R, 2n], out: float32[R, n]): the trunk's SwiGLU (trunk_swiglu), GIL released.
 // Bad shapes, dtypes-by-shape, ranges and a missing cache raise ValueError naming the argument, before anything is
 // written. Forward calls run with the GIL released.
 #include <pybind11/stl.h>
@@ -200,9 +201,24 @@ private:
     std::vector<py::object> cache_keep_;
 };
 
+void swiglu(const CArray<float>& gate_up, CArray<float>& out) {
+    lenvm::check(gate_up.ndim() == 2 && gate_up.shape(1) % 2 == 0, "gate_up", "a 2-D array [R, 2n]",
+                 py::str(gate_up.attr("shape")).cast<std::string>());
+    const py::ssize_t rows = gate_up.shape(0), n = gate_up.shape(1) / 2;
+    lenvm::check(out.ndim() == 2 && out.shape(0) == rows && out.shape(1) == n, "out",
+                 "shape (" + std::to_string(rows) + ", " + std::to_string(n) + ")",
+                 py::str(out.attr("shape")).cast<std::string>());
+    lenvm::check(out.writeable(), "out", "a writeable array", "a read-only array");
+    const float* in = gate_up.data();
+    float* o = out.mutable_data();
+    without_gil([&] { lenvm::trunk_swiglu(in, o, rows, n); });
+}
+
 }  // namespace
 
 void bind_trunk(py::module_& m) {
+    m.def("swiglu", &swiglu, py::arg("gate_up").noconvert(), py::arg("out").noconvert(),
+          "out = silu(gate) * up for gate_up [R, 2n] = [gate | up] (float32), the trunk's own kernel.");
     py::class_<PyTrunk>(m, "Trunk", "Decoder layers of a Llama / Qwen2 / Qwen3 model in fp32 (csrc/trunk.h).")
         .def(py::init<std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t, float, float,
                       const py::list&>(),
