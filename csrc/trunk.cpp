@@ -3,7 +3,9 @@
 // Structure: the matrix products go to lenvm::panel_linear (its own kernels and threading); the rest of a layer (norms,
 // SwiGLU, attention) runs through a small table of row- or task-level functions, built once per process in a
 // portable and an AVX2 + FMA build of the same code. This file is compiled with -ffp-contract=off (CMakeLists.txt),
-// so those AVX2 builds only widen the vectors and round every operation as the portable ones do. The lookahead's
+// so those AVX2 builds only widen the vectors and round every operation as the portable ones do (SwiGLU's AVX2
+// build is written out in intrinsics, the same operations in the same order, since the compiler left it scalar;
+// tests/test_swiglu.py checks the bits). The lookahead's
 // attention has its own AVX2 kernel (attention_avx2.h: one task per row, KV head and four candidates), used when
 // the head dim is a multiple of 16; otherwise, and on the portable family, one task per candidate.
 #include "trunk.h"
