@@ -15,6 +15,8 @@
 // linear_kernel() -> str
 //   "avx2_fma" or "scalar": the kernel linear() uses in this process.
 //
+// value_head(x: float32[R, D], norm: float32[D], eps, w1: float32[H, D], b1: float32[H], w2: float32[H], b2: float,
+//            z: float32[R]) -> None: the LenVM head in one call (csrc/value_head.h), GIL released.
 // token_stats(logits: float32[R, V], tokens: int64[R] or int64[R, W], logp: float64 like tokens, rank: int64 like
 //             tokens) -> None: log-probability and rank of chosen tokens (csrc/token_stats.h), GIL released.
 // rms_norm(x: float32[R, D], weight: float32[D], eps: float, out: float32[R, D]) -> None
@@ -60,6 +62,7 @@
 #include "rng.h"
 #include "thread_pool.h"
 #include "token_stats.h"
+#include "value_head.h"
 #include "value_math.h"
 
 namespace {
@@ -192,6 +195,22 @@ void rms_norm_py(const CArray<float>& x, const CArray<float>& weight, float eps,
     const float* wp = weight.data();
     float* op = out.mutable_data();
     without_gil([&] { lenvm::rms_norm(xp, wp, eps, op, rows, d); });
+}
+
+void value_head_py(const CArray<float>& x, const CArray<float>& norm, float eps, const CArray<float>& w1,
+                   const CArray<float>& b1, const CArray<float>& w2, float b2, CArray<float>& z) {
+    lenvm::check(x.ndim() == 2, "x", "a 2-D array [R, D]", x.ndim());
+    const auto rows = x.shape(0), d = x.shape(1);
+    lenvm::check(norm.ndim() == 1 && norm.shape(0) == d, "norm", "shape [D] matching x", norm.shape(0));
+    lenvm::check(w1.ndim() == 2 && w1.shape(1) == d, "w1", "shape [H, D] matching x", w1.ndim());
+    const auto hidden = w1.shape(0);
+    lenvm::check(b1.ndim() == 1 && b1.shape(0) == hidden, "b1", "shape [H] matching w1", b1.shape(0));
+    lenvm::check(w2.ndim() == 1 && w2.shape(0) == hidden, "w2", "shape [H] matching w1", w2.shape(0));
+    lenvm::check(z.ndim() == 1 && z.shape(0) == rows, "z", "shape [R] matching x", z.shape(0));
+    lenvm::check(z.writeable(), "z", "a writeable array", "read-only");
+    const float *xp = x.data(), *np = norm.data(), *w1p = w1.data(), *b1p = b1.data(), *w2p = w2.data();
+    float* zp = z.mutable_data();
+    without_gil([&] { lenvm::value_head(xp, np, eps, w1p, b1p, w2p, b2, zp, rows, d, hidden, lenvm::default_pool()); });
 }
 
 void token_stats_py(const CArray<float>& logits, const CArray<std::int64_t>& tokens, CArray<double>& logp,
@@ -368,6 +387,10 @@ PYBIND11_MODULE(_core, m) {
 
     m.def("rms_norm", &rms_norm_py, py::arg("x").noconvert(), py::arg("weight").noconvert(), py::arg("eps"),
           py::arg("out").noconvert(), "out = x / sqrt(mean(x**2) + eps) * weight per row (float32).");
+    m.def("value_head", &value_head_py, py::arg("x").noconvert(), py::arg("norm").noconvert(), py::arg("eps"),
+          py::arg("w1").noconvert(), py::arg("b1").noconvert(), py::arg("w2").noconvert(), py::arg("b2"),
+          py::arg("z").noconvert(),
+          "z[r] = b2 + w2 . silu(w1 rms_norm(x[r]) + b1) (float32; csrc/value_head.h), GIL released.");
     m.def("token_stats", &token_stats_py, py::arg("logits").noconvert(), py::arg("tokens").noconvert(),
           py::arg("logp").noconvert(), py::arg("rank").noconvert(),
           "Per row r and chosen token t = tokens[r] (int64[R]) or tokens[r, i] (int64[R, W]): logp = log\n"

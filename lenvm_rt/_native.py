@@ -271,6 +271,12 @@ def rope_lookahead_attention(qkv: np.ndarray, cos: np.ndarray, sin: np.ndarray, 
                                    v_new)
 
 
+def value_head(x: np.ndarray, norm: np.ndarray, eps: float, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray,
+               b2: float, z: np.ndarray) -> None:
+    """z[r] = b2 + w2 . silu(w1 rms_norm(x[r]) + b1) (csrc/value_head.h); float32, x [R, D], w1 [H, D], z [R]."""
+    _core.value_head(x, norm, float(eps), w1, b1, w2, float(b2), z)
+
+
 def pack_panels(weight: np.ndarray, out: np.ndarray) -> None:
     """out[p, kk, l] = weight[8 p + l, kk] (0 past the last row); float32, out [ceil(N / 8), K, 8]."""
     _core.pack_panels(weight, out)

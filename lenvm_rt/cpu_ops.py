@@ -139,6 +139,14 @@ def panel_linear(x: torch.Tensor, weight: PanelWeight, bias: torch.Tensor | None
     return torch.from_numpy(out).view(*x.shape[:-1], weight.rows)
 
 
+def value_head(x: torch.Tensor, norm: torch.Tensor, eps: float, w1: torch.Tensor, b1: torch.Tensor,
+               w2: torch.Tensor, b2: float) -> torch.Tensor:
+    """The LenVM head in one native call: x [R, D] contiguous fp32 -> z [R] = b2 + w2 . silu(w1 rms_norm(x) + b1)."""
+    z = np.empty(x.shape[0], dtype=np.float32)
+    _native.value_head(x.numpy(), norm.numpy(), eps, w1.numpy(), b1.numpy(), w2.numpy(), b2, z)
+    return torch.from_numpy(z)
+
+
 def set_num_threads(n: int) -> None:
     """Use `n` threads (calling thread included) in native CPU operators; n in [1, 1024]."""
     _native.set_num_threads(n)

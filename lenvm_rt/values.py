@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from . import cpu_ops
 from .config import ModelConfig
@@ -98,17 +97,16 @@ class ValueModel:
     def values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Last hidden rows x[R, D] of the value trunk (before its final norm) -> (z, u), fp32 [R].
 
-        Up to NATIVE_MAX_ROWS CPU fp32 rows (a decode step's candidates) take the native norm and skinny GEMM
-        (~0.1 ms for 15 rows of SmolLM2-135M against ~0.6 ms in torch, which spends it in a small addmm); the
-        rest take `lenvm_rt.kernels.value_head` (Triton on CUDA, its torch reference elsewhere).
+        Up to NATIVE_MAX_ROWS CPU fp32 rows (a decode step's candidates) take one native call (norm, skinny GEMM,
+        silu and the output dot: csrc/value_head.h); the rest take `lenvm_rt.kernels.value_head` (Triton on
+        CUDA, its torch reference elsewhere).
         """
         from .kernels.value_head import value_head
 
         h = self.head
         if (x.device.type == "cpu" and x.dtype == h.w1.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous()
                 and x.shape[0] <= NATIVE_MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad)):
-            act = F.silu(cpu_ops.linear(cpu_ops.rms_norm(x, self._final_norm, self._eps), h.w1, h.b1))
-            z = act @ h.w2.reshape(-1) + h.b2.reshape(())
+            z = cpu_ops.value_head(x, self._final_norm, self._eps, h.w1, h.b1, h.w2.reshape(-1), float(h.b2))
             return z, torch.sigmoid(z)
         return value_head(x, self._final_norm, h.w1, h.b1, h.w2, h.b2, eps=self._eps)
 

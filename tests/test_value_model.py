@@ -5,6 +5,7 @@ import math
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from checkpoints import make_checkpoint, make_value_head
@@ -75,6 +76,27 @@ def test_native_rows_and_the_reference_head_agree(lenvm):
     ref_z, ref_u = value_head_ref(x, vm._final_norm, h.w1, h.b1, h.w2, h.b2, eps=vm._eps)
     assert (many - ref_z).abs().max().item() <= 1e-5
     assert (few - ref_z[:15]).abs().max().item() <= 1e-5 and (few_u - ref_u[:15]).abs().max().item() <= 1e-6
+
+
+def test_native_head_rows_are_independent_and_bad_shapes_are_named() -> None:
+    from lenvm_rt import _native, cpu_ops
+
+    g = torch.Generator().manual_seed(9)
+    x, norm = torch.randn(9, 24, generator=g), torch.rand(24, generator=g) + 0.5
+    w1, b1, w2 = torch.randn(40, 24, generator=g) / 5, torch.randn(40, generator=g), torch.randn(40, generator=g) / 6
+    z = cpu_ops.value_head(x, norm, 1e-5, w1, b1, w2, 0.25)
+    for r in range(9):  # a row's z never depends on the batch around it
+        assert torch.equal(cpu_ops.value_head(x[r:r + 1], norm, 1e-5, w1, b1, w2, 0.25), z[r:r + 1])
+    normed = torch.nn.functional.rms_norm(x.double(), (24,), eps=1e-5) * norm.double()
+    ref = torch.nn.functional.silu(normed @ w1.double().T + b1.double()) @ w2.double() + 0.25
+    assert (z.double() - ref).abs().max().item() <= 1e-5
+    out = np.empty(9, np.float32)
+    args = [a.numpy() for a in (x, norm)], [a.numpy() for a in (w1, b1, w2)]
+    with pytest.raises(ValueError, match="w2: expected shape \\[H\\] matching w1"):
+        _native.value_head(*args[0], 1e-5, args[1][0], args[1][1], args[1][2][:-1], 0.0, out)
+    with pytest.raises(ValueError, match="z: expected shape \\[R\\] matching x"):
+        _native.value_head(*args[0], 1e-5, *args[1], 0.0, out[:-1])
+    assert torch.equal(cpu_ops.value_head(x, norm, 1e-5, w1, b1, w2, 0.25), z)  # still usable
 
 
 def test_predict_length_is_the_inverse_of_the_boundary_value(lenvm):
