@@ -9,8 +9,10 @@ Contract:
         mode is on and detached otherwise. Bad inputs raise ValueError naming the argument.
     pack_panels(weight: float32[N, K]) -> PanelWeight; panel_linear(x[..., K], PanelWeight, bias[N] | None)
         -> float32[..., N]: the same product over a copy of the weight in panels of 8 rows (csrc/panel_linear.h),
-        which streams from memory in long runs (a decode step's projections ~25% faster than `linear` here);
-        out[..., j] is one ordered sum over K, again the same bits for a row whatever the batch.
+        which streams from memory in long runs (a decode step's matrices 1.19x faster than `linear` here,
+        benchmarks/results/bench_linear.json); out[..., j] is one ordered sum over K, again the same bits for a
+        row whatever the batch. Bad inputs raise ValueError naming the argument (IndexError for rows_at).
+    value_head(x[R, D], norm, eps, w1[H, D], b1[H], w2[H], b2) -> z[R]: the LenVM head in one native call.
     set_num_threads(n) / get_num_threads(): threads of the native pool, calling thread included.
     Trunk(cfg, layers, scale): every decoder layer of a decode step or a lookahead in one native call (csrc/trunk.h),
         over layers whose four matrices are PanelWeights; the arrays it reads are views of the torch tensors it

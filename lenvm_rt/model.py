@@ -38,7 +38,7 @@ from . import cpu_ops
 from .config import ModelConfig, RopeConfig
 from .weights import LayerWeights, ModelWeights
 
-NATIVE_MAX_ROWS = 64  # rows per call up to which the native trunk and the C++ skinny GEMM beat torch on CPU
+NATIVE_MAX_ROWS = 64  # CPU fp32 rows per call that run every layer in one native trunk call (above: op by op)
 _MATRICES = ("qkv", "o", "gate_up", "down")
 
 
