@@ -38,7 +38,6 @@ from . import cpu_ops
 from .config import ModelConfig, RopeConfig
 from .weights import LayerWeights, ModelWeights
 
-NATIVE_MAX_ROWS = 64  # CPU fp32 rows per call that run every layer in one native trunk call (above: op by op)
 _MATRICES = ("qkv", "o", "gate_up", "down")
 
 
@@ -106,7 +105,7 @@ class CausalLM:
         self._cos = torch.empty(0)
         self._sin = torch.empty(0)
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer candidate (k, v) [B, Hkv, K, Dh]
-        # CPU fp32: decode steps and lookaheads of up to NATIVE_MAX_ROWS rows run every layer in one native call
+        # CPU fp32: decode steps and lookaheads run every layer in one native call
         self._trunk = cpu_ops.Trunk(cfg, weights.layers, self.scale) if self._native_linear else None
         self._pending_native: tuple[np.ndarray, np.ndarray] | None = None  # the native lookahead's K/V
 
@@ -222,10 +221,8 @@ class CausalLM:
         cfg = self.cfg
         B = ids.shape[0]
         x = self._embed(ids.view(B, 1))  # [B, 1, D]
-        if self._trunk is not None and B <= NATIVE_MAX_ROWS:
+        if self._trunk is not None:
             return self._trunk.decode(x, np.array(positions, dtype=np.int32))
-        if self._native_linear and not cfg.qk_norm:
-            return self._native_decode_layers(x, np.array(positions, dtype=np.int32))
         G = cfg.num_heads // cfg.num_kv_heads
         first = positions[0]
         span = max(positions) + 1  # keys attended this step: cache positions 0..span-1
@@ -235,7 +232,6 @@ class CausalLM:
             pos = pos_tensor if pos_tensor is not None else torch.tensor(positions, device=self.device)
             mask = self._key_mask(pos, span, through=True)
             rows = torch.arange(B, device=self.device)
-        spans = np.array([p + 1 for p in positions], dtype=np.int32)  # keys each row attends to
         for i, layer in enumerate(self.w.layers):
             q, k, v = self._qkv(layer, x, cos, sin)  # q[B, H, 1, Dh], k/v[B, Hkv, 1, Dh]
             kc, vc = self.k_cache[i], self.v_cache[i]
@@ -245,10 +241,6 @@ class CausalLM:
             else:
                 kc[rows, :, pos] = k[:, :, 0]
                 vc[rows, :, pos] = v[:, :, 0]
-            if self._native_linear:  # one native call instead of matmul, mask, softmax, matmul
-                attn = cpu_ops.decode_attention(q.reshape(B, cfg.num_heads, cfg.head_dim), kc, vc, spans, self.scale)
-                x = self._mlp_residual(layer, x, attn.view(B, 1, cfg.num_heads * cfg.head_dim))
-                continue
             # Grouped-query attention without repeating K/V: the G query heads of a KV head form a
             # [G, Dh] block that multiplies the shared [span, Dh] keys.
             qg = q.view(B, cfg.num_kv_heads, G, cfg.head_dim)
@@ -259,31 +251,6 @@ class CausalLM:
             attn = torch.matmul(probs, vc[:B, :, :span])  # [B, Hkv, G, Dh]
             x = self._mlp_residual(layer, x, attn.view(B, 1, cfg.num_heads * cfg.head_dim))
         return x.view(B, -1)
-
-    def _native_decode_layers(self, x: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
-        """decode_step's layers for batches above NATIVE_MAX_ROWS (CPU fp32, no q/k norms), whose projections go
-        to torch's GEMM: per layer native calls for the norm and for RoPE + cache write + attention."""
-        cfg = self.cfg
-        B = x.shape[0]
-        for i, layer in enumerate(self.w.layers):
-            qkv = self._linear(self._norm(x, layer.input_norm), layer.qkv, layer.qkv_bias)  # [B, 1, (H+2Hkv) Dh]
-            attn = cpu_ops.rope_cache_attention(qkv, self._cos, self._sin, self.k_cache[i], self.v_cache[i],
-                                                positions, cfg.num_heads, self.scale)
-            x = self._mlp_residual(layer, x, attn.view(B, 1, -1))
-        return x.view(B, -1)
-
-    def _native_lookahead_layers(self, x: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
-        """lookahead's layers for more than NATIVE_MAX_ROWS candidate rows (CPU fp32, no q/k norms), as
-        _native_decode_layers; candidate K/V kept for commit."""
-        cfg = self.cfg
-        B, K, _ = x.shape
-        for i, layer in enumerate(self.w.layers):
-            qkv = self._linear(self._norm(x, layer.input_norm), layer.qkv, layer.qkv_bias)  # [B, K, (H+2Hkv) Dh]
-            attn, k, v = cpu_ops.rope_lookahead_attention(qkv, self._cos, self._sin, self.k_cache[i], self.v_cache[i],
-                                                          positions, cfg.num_heads, K, self.scale)
-            self._pending.append((k, v))
-            x = self._mlp_residual(layer, x, attn)
-        return x
 
     def _key_mask(self, pos: torch.Tensor, span: int, *, through: bool) -> torch.Tensor:
         """Additive mask [B, 1, 1, span]: row b sees keys up to pos[b] (through) or before it."""
@@ -313,11 +280,9 @@ class CausalLM:
         B, K = cand.shape
         x = self._embed(cand)  # [B, K, D]
         self._pending, self._pending_native = [], None
-        if self._trunk is not None and B * K <= NATIVE_MAX_ROWS:
+        if self._trunk is not None:
             x, self._pending_native = self._trunk.lookahead(x, np.array(positions, dtype=np.int32))
             return x
-        if self._native_linear and not cfg.qk_norm:
-            return self._native_lookahead_layers(x, np.array(positions, dtype=np.int32))
         G, Hkv, Dh = cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads, cfg.head_dim
         span = max(positions)  # prefix keys: cache positions 0..span-1
         cos, sin, same = self._rope_at(positions, pos_tensor)

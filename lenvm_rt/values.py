@@ -17,7 +17,7 @@ import torch
 
 from . import cpu_ops
 from .config import ModelConfig
-from .model import NATIVE_MAX_ROWS, CausalLM, right_padded
+from .model import CausalLM, right_padded
 from .tokenizer import Tokenizer
 from .value_math import remaining_from_logit, td_residual
 from .value_model import (
@@ -97,15 +97,15 @@ class ValueModel:
     def values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Last hidden rows x[R, D] of the value trunk (before its final norm) -> (z, u), fp32 [R].
 
-        Up to NATIVE_MAX_ROWS CPU fp32 rows (a decode step's candidates) take one native call (norm, skinny GEMM,
-        silu and the output dot: csrc/value_head.h); the rest take `lenvm_rt.kernels.value_head` (Triton on
-        CUDA, its torch reference elsewhere).
+        CPU fp32 rows take one native call (norm, skinny GEMM, silu and the output dot: csrc/value_head.h), which
+        gives a row the same z in any batch; other devices and dtypes, and rows that need gradients, take
+        `lenvm_rt.kernels.value_head` (Triton on CUDA, its torch reference elsewhere).
         """
         from .kernels.value_head import value_head
 
         h = self.head
         if (x.device.type == "cpu" and x.dtype == h.w1.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous()
-                and x.shape[0] <= NATIVE_MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad)):
+                and not (torch.is_grad_enabled() and x.requires_grad)):
             z = cpu_ops.value_head(x, self._final_norm, self._eps, h.w1, h.b1, h.w2.reshape(-1), float(h.b2))
             return z, torch.sigmoid(z)
         return value_head(x, self._final_norm, h.w1, h.b1, h.w2, h.b2, eps=self._eps)

@@ -110,6 +110,19 @@ def test_seven_candidates_span_two_attention_tasks_and_match_the_per_op_path(mod
     assert (ours - ref).abs().max().item() <= 1e-5
 
 
+def test_large_batches_stay_on_the_trunk_with_the_same_bits_per_row(model):
+    cand = torch.arange(100, 190).view(3, 30)  # 90 candidate rows: one native call like any other batch
+    with torch.inference_mode():
+        positions = _prefill(model, PROMPTS)
+        big = model.lookahead(cand, positions).clone()
+        assert model._pending_native is not None
+        with per_op(model):
+            ref = model.lookahead(cand, positions)
+        alone = model.lookahead(cand[1:2, 7:9].expand(3, 2).contiguous(), positions).clone()
+    assert (big - ref).abs().max().item() <= 1e-5
+    assert torch.equal(alone[1], big[1, 7:9])
+
+
 def test_a_row_gets_the_same_bits_alone_and_in_a_batch(model):
     with torch.inference_mode():
         positions = _prefill(model, PROMPTS)

@@ -63,18 +63,19 @@ def test_token_values_match_transformers_with_a_torch_head(lenvm):
 
 
 def test_native_rows_and_the_reference_head_agree(lenvm):
-    from lenvm_rt.kernels.value_head import value_head_ref
-    from lenvm_rt.model import NATIVE_MAX_ROWS
+    from lenvm_rt.kernels.value_head import value_head, value_head_ref
 
     policy, value = lenvm
     vm = lenvm_rt.load(policy, value_model=value, device="cpu").value
     h = vm.head
-    x = torch.randn(NATIVE_MAX_ROWS + 16, 64, generator=torch.Generator().manual_seed(4)) * 3
+    x = torch.randn(80, 64, generator=torch.Generator().manual_seed(4)) * 3
     with torch.inference_mode():
-        few, few_u = vm.values(x[:15])  # a decode step's candidates: the native norm and GEMM
-        many, _ = vm.values(x)  # more rows than NATIVE_MAX_ROWS: kernels.value_head (here its Triton interpreter)
+        few, few_u = vm.values(x[:15])  # a decode step's candidates: one native call
+        many, _ = vm.values(x)  # a prompt's positions: native as well, the same bits per row
+        kernel, _ = value_head(x, vm._final_norm, h.w1, h.b1, h.w2, h.b2, eps=vm._eps)  # what CUDA would run
     ref_z, ref_u = value_head_ref(x, vm._final_norm, h.w1, h.b1, h.w2, h.b2, eps=vm._eps)
-    assert (many - ref_z).abs().max().item() <= 1e-5
+    assert torch.equal(many[:15], few)
+    assert (many - ref_z).abs().max().item() <= 1e-5 and (kernel - ref_z).abs().max().item() <= 1e-5
     assert (few - ref_z[:15]).abs().max().item() <= 1e-5 and (few_u - ref_u[:15]).abs().max().item() <= 1e-6
 
 
