@@ -210,7 +210,8 @@ void value_head_py(const CArray<float>& x, const CArray<float>& norm, float eps,
     lenvm::check(z.writeable(), "z", "a writeable array", "read-only");
     const float *xp = x.data(), *np = norm.data(), *w1p = w1.data(), *b1p = b1.data(), *w2p = w2.data();
     float* zp = z.mutable_data();
-    without_gil([&] { lenvm::value_head(xp, np, eps, w1p, b1p, w2p, b2, zp, rows, d, hidden, lenvm::default_pool()); });
+    without_gil(
+        [&] { lenvm::value_head(xp, np, eps, w1p, b1p, w2p, b2, zp, rows, d, hidden, lenvm::default_pool()); });
 }
 
 void token_stats_py(const CArray<float>& logits, const CArray<std::int64_t>& tokens, CArray<double>& logp,

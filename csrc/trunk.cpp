@@ -1,13 +1,13 @@
 // The native decoder layers (contract in trunk.h).
 //
-// Structure: the matrix products go to lenvm::panel_linear (its own kernels and threading); the rest of a layer (norms,
-// SwiGLU, attention) runs through a small table of row- or task-level functions, built once per process in a
-// portable and an AVX2 + FMA build of the same code. This file is compiled with -ffp-contract=off (CMakeLists.txt),
+// Structure: the matrix products go to lenvm::panel_linear (its own kernels and threading); the rest of a layer
+// (norms, SwiGLU, attention) runs through a small table of row- or task-level functions, built once per process in
+// a portable and an AVX2 + FMA build of the same code. This file is compiled with -ffp-contract=off (CMakeLists.txt),
 // so those AVX2 builds only widen the vectors and round every operation as the portable ones do (SwiGLU's AVX2
 // build is written out in intrinsics, the same operations in the same order, since the compiler left it scalar;
-// tests/test_swiglu.py checks the bits). The lookahead's
-// attention has its own AVX2 kernel (attention_avx2.h: one task per row, KV head and four candidates), used when
-// the head dim is a multiple of 16; otherwise, and on the portable family, one task per candidate.
+// tests/test_swiglu.py checks the bits). The lookahead's attention has its own AVX2 kernel (attention_avx2.h: one
+// task per row, KV head and four candidates), used when the head dim is a multiple of 16; otherwise, and on the
+// portable family, one task per candidate.
 #include "trunk.h"
 
 #include <algorithm>
@@ -230,7 +230,8 @@ void Trunk::mlp_residual(const TrunkLayer& layer, float* x, std::int64_t m) {
     over_rows(m, s.hidden, [&](std::int64_t a, std::int64_t b) {
         k.rms_norm(x + a * s.hidden, layer.post_norm, s.eps, norm_.data() + a * s.hidden, b - a, s.hidden);
     });
-    panel_linear(norm_.data(), layer.gate_up, layer.gate_up_bias, gate_up_.data(), m, 2 * s.intermediate, s.hidden, pool);
+    panel_linear(norm_.data(), layer.gate_up, layer.gate_up_bias, gate_up_.data(), m, 2 * s.intermediate, s.hidden,
+                 pool);
     over_rows(m, 2 * s.intermediate, [&](std::int64_t a, std::int64_t b) {
         k.swiglu(gate_up_.data() + a * 2 * s.intermediate, act_.data() + a * s.intermediate, b - a, s.intermediate);
     });

@@ -15,14 +15,14 @@
 //                                                // candidate slot[b]'s K/V into cache position positions[b]
 //
 // Per layer: x += o(attention(rope(qkv(norm(x))))), x += down(swiglu(gate_up(norm(x)))), with Qwen3's per-head
-// q / k norms before RoPE and optional biases. Every piece is the per-op path's own function (lenvm::panel_linear,
-// rms_norm, swiglu and the attention of decode_ops.h; on AVX2 CPUs the lookahead's attention runs as register
-// tiles over four candidates, attention_avx2.h), so a row's result depends only on that row (and its cache),
-// never on B, K or the thread count. The kernel family follows linear.h's choice: the norm, SwiGLU and decode
-// attention loops are compiled twice, portable and AVX2, without contracting multiplies and adds (the same bits
-// either way); panel_linear and the tiled lookahead attention use fused multiply-adds on AVX2, so the two families
-// agree to rounding. Calls on one Trunk are serialised by a mutex (they share scratch memory). Arguments are checked
-// by the caller (csrc/trunk_bindings.cpp).
+// q / k norms before RoPE and optional biases. Every piece is a row- or task-wise kernel (lenvm::panel_linear,
+// rms_norm, swiglu and the attention of decode_ops.h, which `_core` also exposes one by one; on AVX2 CPUs the
+// lookahead's attention runs as register tiles over four candidates, attention_avx2.h), so a row's result depends
+// only on that row (and its cache), never on B, K or the thread count. The kernel family follows linear.h's
+// choice: the norm, SwiGLU and decode attention are built twice, portable and AVX2, rounding every operation alike
+// (the same bits either way); panel_linear and the tiled lookahead attention use fused multiply-adds on AVX2, so
+// the two families agree to rounding. Calls on one Trunk are serialised by a mutex (they share scratch memory).
+// Arguments are checked by the caller (csrc/trunk_bindings.cpp).
 #pragma once
 
 #include <cstdint>

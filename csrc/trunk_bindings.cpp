@@ -3,7 +3,8 @@
 // Trunk(layers: int, hidden, heads, kv_heads, head_dim, intermediate, eps: float, scale: float, weights: list)
 //   weights[l] = (input_norm, qkv, qkv_bias, q_norm, k_norm, o, o_bias, post_norm, gate_up, gate_up_bias, down,
 //   down_bias): float32 C-contiguous arrays of the shapes in trunk.h, the four matrices packed as panels
-//   [ceil(N / 8), K, 8] (csrc/panel_linear.h); biases and q_norm / k_norm may be None (both or neither). The Trunk keeps references to every array it was given.
+//   [ceil(N / 8), K, 8] (csrc/panel_linear.h); biases and q_norm / k_norm may be None (both or neither). The
+//   Trunk keeps references to every array it was given.
 // set_cache(k: list[float32[Bc, Hkv, C, Dh]], v: same, cos: float32[C', Dh], sin: same), C' >= C; clear_cache()
 // decode(x: float32[B, D], positions: int32[B]): positions in [0, C), B <= Bc; x updated in place
 // lookahead(x: float32[B K, D], positions: int32[B], k_new: float32[L, B, Hkv, K, Dh], v_new: same):
