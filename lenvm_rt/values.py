@@ -98,14 +98,14 @@ class ValueModel:
         """Last hidden rows x[R, D] of the value trunk (before its final norm) -> (z, u), fp32 [R].
 
         CPU fp32 rows take one native call (norm, skinny GEMM, silu and the output dot: csrc/value_head.h), which
-        gives a row the same z in any batch; other devices and dtypes, and rows that need gradients, take
+        gives a row the same z in any batch; other devices and dtypes, and calls that need gradients, take
         `lenvm_rt.kernels.value_head` (Triton on CUDA, its torch reference elsewhere).
         """
         from .kernels.value_head import value_head
 
         h = self.head
         if (x.device.type == "cpu" and x.dtype == h.w1.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous()
-                and not (torch.is_grad_enabled() and x.requires_grad)):
+                and not (torch.is_grad_enabled() and (x.requires_grad or h.w1.requires_grad))):
             z = cpu_ops.value_head(x, self._final_norm, self._eps, h.w1, h.b1, h.w2.reshape(-1), float(h.b2))
             return z, torch.sigmoid(z)
         return value_head(x, self._final_norm, h.w1, h.b1, h.w2, h.b2, eps=self._eps)

@@ -206,3 +206,17 @@ def test_empty_response_and_no_value_model(lenvm):
     with pytest.raises(ValueError, match="needs a value model"):
         plain.predict_length([[5, 6]])
     assert rt.predict_length([[5, 6]])[0] > 0  # still usable after the errors
+
+
+def test_values_of_a_head_being_trained_take_the_torch_path(lenvm):
+    policy, value = lenvm
+    vm = lenvm_rt.load(policy, value_model=value, device="cpu").value
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        native, _ = vm.values(x)
+    vm.head.w1.requires_grad_(True)
+    try:
+        z, _ = vm.values(x)  # grad mode on and a trainable head: no numpy view of it, the kernels' path instead
+    finally:
+        vm.head.w1.requires_grad_(False)
+    assert (z.detach() - native).abs().max().item() <= 1e-5
