@@ -68,6 +68,8 @@
 namespace {
 
 using lenvm::py_util::CArray;
+using lenvm::py_util::overlaps;
+using lenvm::py_util::shape_of;
 using lenvm::py_util::without_gil;
 
 template <class T>
@@ -92,18 +94,6 @@ void philox_uniform(const CArray<std::uint64_t>& seeds, const CArray<std::uint32
         lenvm::rng::uniform_batch(seed_ptr, offset_ptr, static_cast<std::size_t>(n),
                                   static_cast<std::uint32_t>(stream), out_ptr);
     });
-}
-
-std::string shape_of(const py::array& a) {
-    std::string text = "shape [";
-    for (py::ssize_t d = 0; d < a.ndim(); ++d) text += (d > 0 ? ", " : "") + std::to_string(a.shape(d));
-    return text + "]";
-}
-
-// True when [a, a + a_len) and [b, b + b_len) share an element (empty ranges share nothing).
-bool overlaps(const float* a, py::ssize_t a_len, const float* b, py::ssize_t b_len) {
-    const std::less<const float*> before;
-    return a_len > 0 && b_len > 0 && before(a, b + b_len) && before(b, a + a_len);
 }
 
 void linear(const CArray<float>& x, const CArray<float>& weight, const std::optional<CArray<float>>& bias,

@@ -7,7 +7,6 @@
 // writeability and overlap errors raise ValueError naming the argument before anything is written.
 #include <pybind11/stl.h>
 
-#include <functional>
 #include <optional>
 #include <string>
 
@@ -18,31 +17,22 @@
 namespace {
 
 using lenvm::py_util::CArray;
+using lenvm::py_util::overlaps;
+using lenvm::py_util::shape_of;
 using lenvm::py_util::without_gil;
-
-std::string dims(const py::array& a) {
-    std::string text = "shape (";
-    for (py::ssize_t d = 0; d < a.ndim(); ++d) text += (d > 0 ? ", " : "") + std::to_string(a.shape(d));
-    return text + ")";
-}
 
 std::string panel_dims(py::ssize_t n, py::ssize_t k) {
     return "shape (" + std::to_string(lenvm::panel_count(n)) + ", " + std::to_string(k) + ", 8)";
 }
 
-bool shares_memory(const float* a, py::ssize_t a_len, const float* b, py::ssize_t b_len) {
-    const std::less<const float*> before;
-    return a_len > 0 && b_len > 0 && before(a, b + b_len) && before(b, a + a_len);
-}
-
 void pack_panels(const CArray<float>& weight, CArray<float>& out) {
-    lenvm::check(weight.ndim() == 2, "weight", "a 2-D array [N, K]", dims(weight));
+    lenvm::check(weight.ndim() == 2, "weight", "a 2-D array [N, K]", shape_of(weight));
     const py::ssize_t n = weight.shape(0), k = weight.shape(1);
     lenvm::check(out.ndim() == 3 && out.shape(0) == lenvm::panel_count(n) && out.shape(1) == k &&
                      out.shape(2) == lenvm::kPanelRows,
-                 "out", panel_dims(n, k), dims(out));
+                 "out", panel_dims(n, k), shape_of(out));
     lenvm::check(out.writeable(), "out", "a writeable array", "a read-only array");
-    lenvm::check(!shares_memory(out.mutable_data(), out.size(), weight.data(), weight.size()), "out",
+    lenvm::check(!overlaps(out.mutable_data(), out.size(), weight.data(), weight.size()), "out",
                  "memory disjoint from weight", "an overlapping array");
     const float* w = weight.data();
     float* panels = out.mutable_data();
@@ -51,24 +41,24 @@ void pack_panels(const CArray<float>& weight, CArray<float>& out) {
 
 void panel_linear(const CArray<float>& x, const CArray<float>& panels, std::int64_t n,
                   const std::optional<CArray<float>>& bias, CArray<float>& out) {
-    lenvm::check(x.ndim() == 2, "x", "a 2-D array [M, K]", dims(x));
+    lenvm::check(x.ndim() == 2, "x", "a 2-D array [M, K]", shape_of(x));
     const py::ssize_t m = x.shape(0), k = x.shape(1);
     lenvm::check(n >= 0, "n", "a row count >= 0", n);
     lenvm::check(panels.ndim() == 3 && panels.shape(0) == lenvm::panel_count(n) && panels.shape(1) == k &&
                      panels.shape(2) == lenvm::kPanelRows,
-                 "panels", panel_dims(n, k) + " (N = n, K from x)", dims(panels));
+                 "panels", panel_dims(n, k) + " (N = n, K from x)", shape_of(panels));
     if (bias) lenvm::check(bias->ndim() == 1 && bias->shape(0) == n, "bias", "shape (" + std::to_string(n) + ",)",
-                           dims(*bias));
+                           shape_of(*bias));
     lenvm::check(out.ndim() == 2 && out.shape(0) == m && out.shape(1) == n, "out",
-                 "shape (" + std::to_string(m) + ", " + std::to_string(n) + ")", dims(out));
+                 "shape (" + std::to_string(m) + ", " + std::to_string(n) + ")", shape_of(out));
     lenvm::check(out.writeable(), "out", "a writeable array", "a read-only array");
     const float* x_ptr = x.data();
     const float* panel_ptr = panels.data();
     const float* bias_ptr = bias ? bias->data() : nullptr;
     float* out_ptr = out.mutable_data();
-    const bool shared = shares_memory(out_ptr, out.size(), x_ptr, x.size()) ||
-                        shares_memory(out_ptr, out.size(), panel_ptr, panels.size()) ||
-                        (bias && shares_memory(out_ptr, out.size(), bias_ptr, bias->size()));
+    const bool shared = overlaps(out_ptr, out.size(), x_ptr, x.size()) ||
+                        overlaps(out_ptr, out.size(), panel_ptr, panels.size()) ||
+                        (bias && overlaps(out_ptr, out.size(), bias_ptr, bias->size()));
     lenvm::check(!shared, "out", "memory disjoint from x, panels and bias", "an overlapping array");
     without_gil([&] { lenvm::panel_linear(x_ptr, panel_ptr, bias_ptr, out_ptr, m, n, k, lenvm::default_pool()); });
 }

@@ -1,6 +1,9 @@
 // pybind11 helpers shared by the binding files of `lenvm_rt._core`.
 #pragma once
 
+#include <functional>
+#include <string>
+
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -11,6 +14,19 @@ namespace lenvm::py_util {
 // A C-contiguous numpy array of exactly T (with .noconvert(): no silent copy or cast).
 template <class T>
 using CArray = py::array_t<T, py::array::c_style>;
+
+// "shape [d0, d1, ...]" of an array, for error messages.
+inline std::string shape_of(const py::array& a) {
+    std::string text = "shape [";
+    for (py::ssize_t d = 0; d < a.ndim(); ++d) text += (d > 0 ? ", " : "") + std::to_string(a.shape(d));
+    return text + "]";
+}
+
+// True when [a, a + a_len) and [b, b + b_len) share an element (empty ranges share nothing).
+inline bool overlaps(const float* a, py::ssize_t a_len, const float* b, py::ssize_t b_len) {
+    const std::less<const float*> before;
+    return a_len > 0 && b_len > 0 && before(a, b + b_len) && before(b, a + a_len);
+}
 
 // Runs `fn` with the GIL released. The GIL is taken back by a plain call, not by a destructor such as
 // py::gil_scoped_release's: during interpreter finalization CPython ends a daemon thread that asks for the

@@ -21,26 +21,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from linear_cases import make, restore_threads  # noqa: F401 (an autouse fixture)
 from subproc import run_python
 
 from lenvm_rt import _core, _native, cpu_ops
 
 EPS32 = float(torch.finfo(torch.float32).eps)
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    before = cpu_ops.get_num_threads()
-    yield
-    cpu_ops.set_num_threads(before)
-
-
-def make(m: int, n: int, k: int, seed: int = 0, bias: bool = True):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g)
-    w = torch.randn(n, k, generator=g) / max(k, 1) ** 0.5
-    b = torch.randn(n, generator=g) if bias else None
-    return x, w, b
 
 
 def assert_close_to_reference(out, x, w, b) -> None:

@@ -15,26 +15,12 @@ import numpy as np
 import pytest
 import torch
 from checkpoints import make_checkpoint
+from linear_cases import make, restore_threads  # noqa: F401 (an autouse fixture)
 from subproc import run_python
 
 from lenvm_rt import _native, cpu_ops
 from lenvm_rt.model import CausalLM
 from lenvm_rt.weights import load_weights, read_config
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    before = cpu_ops.get_num_threads()
-    yield
-    cpu_ops.set_num_threads(before)
-
-
-def make(m: int, n: int, k: int, seed: int = 0, bias: bool = True):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g)
-    w = torch.randn(n, k, generator=g) / max(k, 1) ** 0.5
-    b = torch.randn(n, generator=g) if bias else None
-    return x, w, b
 
 
 def sequential_sums(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, fused: bool) -> np.ndarray:
