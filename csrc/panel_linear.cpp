@@ -5,6 +5,14 @@
 // [ceil(m / 4), k, 4] so that a tile of up to 4 rows by kGemmPanels panels broadcasts its 4 x values from one
 // 16-byte run, and each panel group stays in cache while every row group passes. Every tile size runs the same
 // per-element sequence (zeroed accumulator, one multiply-add per kk in increasing order, then bias).
+//
+// Prefetch: with 2..kMaxPrefetchGroups row groups, the weights are fetched from memory once per panel group and
+// then reused from cache, so without help a row-group pass waits on memory and the others on nothing. The AVX2
+// tiles therefore ask for the next panel group (one contiguous block) into L2 while computing the current one,
+// one prefetch per kk, the block split evenly over the row groups. Tasks then span several panel groups so there
+// is a next group to fetch. One row group (decode, m <= 4) streams at the memory's pace and is left to the
+// hardware prefetcher (software prefetch measured slower there), as are long row-group lists where compute
+// dominates.
 #include "panel_linear.h"
 
 #include <algorithm>
@@ -32,6 +40,9 @@ constexpr int kDecodePanels = 4;  // panels per tile when m == 1
 constexpr std::int64_t kTaskCost = 128 * 1024;
 constexpr std::int64_t kMinTasksPerThread = 8;
 constexpr std::int64_t kSerialMacs = 32 * 1024;
+// Row groups between which the next panel group is prefetched, and panel groups per task when it is.
+constexpr std::int64_t kMaxPrefetchGroups = 16;
+constexpr std::int64_t kGroupsPerPrefetchTask = 8;
 
 // Writes tile results: acc holds rows x (panels 8) sums; only columns < n are stored.
 void store_tile(const float* acc, int rows, int panels, const float* bias, float* out, std::int64_t n,
@@ -46,14 +57,17 @@ void store_tile(const float* acc, int rows, int panels, const float* bias, float
 }
 
 // x values of tile row i at step kk sit at xs[kk * x_step + i] (x_step 1 for one row, 4 for a row group).
+// Step kk may prefetch the byte at prefetch + kk * prefetch_step (nullptr: none); it never affects the result.
 using TileFn = void (*)(const float* xs, std::int64_t x_step, const float* panels, std::int64_t k, const float* bias,
-                        float* out, std::int64_t n, std::int64_t col0);
+                        float* out, std::int64_t n, std::int64_t col0, const char* prefetch,
+                        std::int64_t prefetch_step);
 
 // ---- portable kernel -----------------------------------------------------------------------------------
 
 template <int MR, int NP>
 void tile_portable(const float* xs, std::int64_t x_step, const float* panels, std::int64_t k, const float* bias,
-                   float* out, std::int64_t n, std::int64_t col0) {
+                   float* out, std::int64_t n, std::int64_t col0, const char* /*prefetch*/,
+                   std::int64_t /*prefetch_step*/) {
     float acc[MR * NP * kPanelRows] = {};
     for (std::int64_t kk = 0; kk < k; ++kk) {
         for (int i = 0; i < MR; ++i) {
@@ -76,7 +90,8 @@ void tile_portable(const float* xs, std::int64_t x_step, const float* panels, st
 #if LENVM_HAS_X86
 template <int MR, int NP>
 LENVM_AVX2_FMA void tile_avx2(const float* xs, std::int64_t x_step, const float* panels, std::int64_t k,
-                              const float* bias, float* out, std::int64_t n, std::int64_t col0) {
+                              const float* bias, float* out, std::int64_t n, std::int64_t col0, const char* prefetch,
+                              std::int64_t prefetch_step) {
     __m256 acc[MR][NP];
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
@@ -84,6 +99,7 @@ LENVM_AVX2_FMA void tile_avx2(const float* xs, std::int64_t x_step, const float*
         for (int p = 0; p < NP; ++p) acc[i][p] = _mm256_setzero_ps();
     }
     for (std::int64_t kk = 0; kk < k; ++kk) {
+        if (prefetch != nullptr) _mm_prefetch(prefetch + kk * prefetch_step, _MM_HINT_T1);
         __m256 wv[NP];
 #pragma GCC unroll 16
         for (int p = 0; p < NP; ++p) wv[p] = _mm256_loadu_ps(panels + (p * k + kk) * kPanelRows);
@@ -131,6 +147,13 @@ const TileTable& tiles() {
     return selected;
 }
 
+std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+
+bool uses_prefetch(std::int64_t m) {
+    const std::int64_t groups = ceil_div(m, kRowGroup);
+    return groups >= 2 && groups <= kMaxPrefetchGroups;
+}
+
 // Panels [p_begin, p_end) for all rows. xs: x itself when m == 1, else the row groups [ceil(m / 4), k, 4].
 void run_panels(const float* xs, const float* panels, const float* bias, float* out, std::int64_t m, std::int64_t n,
                 std::int64_t k, std::int64_t p_begin, std::int64_t p_end) {
@@ -138,21 +161,28 @@ void run_panels(const float* xs, const float* panels, const float* bias, float* 
     if (m == 1) {
         for (std::int64_t p = p_begin; p < p_end; p += kDecodePanels) {
             const auto np = static_cast<std::size_t>(std::min<std::int64_t>(kDecodePanels, p_end - p));
-            table[0][np - 1](xs, 1, panels + p * k * kPanelRows, k, bias, out, n, p * kPanelRows);
+            table[0][np - 1](xs, 1, panels + p * k * kPanelRows, k, bias, out, n, p * kPanelRows, nullptr, 0);
         }
         return;
     }
+    const std::int64_t groups = ceil_div(m, kRowGroup);
+    const bool prefetching = uses_prefetch(m);
     for (std::int64_t p = p_begin; p < p_end; p += kGemmPanels) {
         const auto np = static_cast<std::size_t>(std::min<std::int64_t>(kGemmPanels, p_end - p));
+        // Row group g prefetches bytes [g k step, (g + 1) k step) of the next group (within this task's panels),
+        // `step` bytes per kk; every address lies inside that group.
+        const std::int64_t next_panels = prefetching ? std::min<std::int64_t>(kGemmPanels, p_end - p - np) : 0;
+        const std::int64_t step = next_panels * kPanelRows * std::int64_t{sizeof(float)} / groups;
+        const char* next =
+            next_panels > 0 ? reinterpret_cast<const char*>(panels + (p + kGemmPanels) * k * kPanelRows) : nullptr;
         for (std::int64_t i = 0; i < m; i += kRowGroup) {
             const auto rows = static_cast<std::size_t>(std::min<std::int64_t>(kRowGroup, m - i));
+            const char* prefetch = next != nullptr ? next + (i / kRowGroup) * k * step : nullptr;
             table[rows - 1][np - 1](xs + i * k, kRowGroup, panels + p * k * kPanelRows, k, bias, out + i * n, n,
-                                    p * kPanelRows);
+                                    p * kPanelRows, prefetch, step);
         }
     }
 }
-
-std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
 
@@ -184,10 +214,17 @@ void panel_linear(const float* x, const float* panels, const float* bias, float*
     }
     const std::int64_t total = panel_count(n), tile = m == 1 ? kDecodePanels : kGemmPanels;
     const std::int64_t threads = pool.num_threads();
-    const std::int64_t panel_cost = std::max<std::int64_t>(k, 1) * std::max<std::int64_t>(m, 4) * kPanelRows;
-    const std::int64_t for_cost = std::max<std::int64_t>(kTaskCost / panel_cost, 1);
-    const std::int64_t for_balance = ceil_div(total, threads * kMinTasksPerThread);
-    const std::int64_t per_task = ceil_div(std::min(for_cost, for_balance), tile) * tile;
+    std::int64_t per_task = 0;
+    if (uses_prefetch(m)) {  // about kGroupsPerPrefetchTask panel groups per task, a whole number of tasks per thread
+        const std::int64_t tile_count = ceil_div(total, tile);
+        const std::int64_t tasks = threads * ceil_div(tile_count, threads * kGroupsPerPrefetchTask);
+        per_task = ceil_div(tile_count, tasks) * tile;
+    } else {
+        const std::int64_t panel_cost = std::max<std::int64_t>(k, 1) * std::max<std::int64_t>(m, 4) * kPanelRows;
+        const std::int64_t for_cost = std::max<std::int64_t>(kTaskCost / panel_cost, 1);
+        const std::int64_t for_balance = ceil_div(total, threads * kMinTasksPerThread);
+        per_task = ceil_div(std::min(for_cost, for_balance), tile) * tile;
+    }
     const std::int64_t n_tasks = ceil_div(total, per_task);
     if (threads == 1 || n_tasks == 1 || m * n * k < kSerialMacs) {
         run_panels(xs, panels, bias, out, m, n, k, 0, total);

@@ -54,6 +54,9 @@ def test_packing_layout_and_round_trip() -> None:
 @pytest.mark.parametrize(("m", "n", "k"), [
     (1, 1, 1), (1, 9, 3), (1, 8, 64), (1, 100, 33), (1, 257, 40),  # one row: tiles of 1-4 panels, padded lanes
     (2, 7, 17), (3, 24, 8), (4, 40, 12), (5, 33, 9), (15, 61, 30), (17, 96, 16), (70, 50, 7),  # row groups
+    # 2-16 row groups: tasks of several panel groups that prefetch the next one (last group 1-2 panels short);
+    # 17 groups: no prefetch
+    (9, 530, 24), (15, 1000, 40), (64, 203, 20), (65, 203, 20),
 ])
 def test_avx2_or_portable_kernel_follows_the_sequential_contract(m: int, n: int, k: int, bias: bool) -> None:
     x, w, b = make(m, n, k, seed=m * 1000 + n)
