@@ -2,7 +2,7 @@
 
 Shapes: B rows, V vocabulary, K candidate slots, E EOS ids.
 
-    ban, force = EosRule(guidances, device).masks(step)               # bool[B] each, or None
+    ban, force = EosRule(guidances, device).masks(step)               # bool[B] each, or None: no row
     cands = build_candidates(logits[B, V], settings, ban, force)      # ids/logp[B, K], filled[B, K]
 
 Candidates per row: softmax(logits / temperature) (temperature 1 for greedy rows), the K most
@@ -105,6 +105,7 @@ class CandidateSettings:
     top_p: torch.Tensor  # [B]
     min_p: torch.Tensor  # [B]
     eos_ids: torch.Tensor  # [E]
+    unit_temperature: bool = False  # every row at temperature 1: the logits need no scaling
 
     @staticmethod
     def of(samplings: Sequence[Sampling], eos_ids: Sequence[int], device: torch.device) -> CandidateSettings:
@@ -117,6 +118,7 @@ class CandidateSettings:
             top_p=torch.tensor([s.top_p for s in samplings], device=device),
             min_p=torch.tensor([s.min_p for s in samplings], device=device),
             eos_ids=torch.tensor(sorted(eos_ids), device=device, dtype=torch.long),
+            unit_temperature=all(s.greedy or s.temperature == 1.0 for s in samplings),
         )
 
 
@@ -133,6 +135,9 @@ class EosRule:
         self.banning = torch.tensor(banning, device=device)
         self.any_length = any(length_rows)
         self.any_banning = any(banning)
+        # before the first forced count no row is forced; from the last banning target on no row is banned
+        self.first_force_count = min((g.target for g, on in zip(guidances, length_rows) if on), default=never)
+        self.last_ban_count = max((g.target for g, on in zip(guidances, banning) if on), default=0)
         # [start, stop) of each row's ending window in generated tokens (t + 1), and the count that must end
         start, stop, end = [never] * len(guidances), [never] * len(guidances), [never] * len(guidances)
         for b, g in enumerate(guidances):
@@ -148,11 +153,17 @@ class EosRule:
         self.must_end_at = torch.tensor(end, device=device)
 
     def masks(self, step: int | torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(ban[B], force[B]) for the token drawn at 0-based `step`, i.e. the (step + 1)-th generated."""
+        """(ban[B], force[B]) for the token drawn at 0-based `step`, i.e. the (step + 1)-th generated. None for a
+        mask no row can be in at that step (known on the host for an int step): the candidate builder then skips
+        that work, with the same result as an all-False mask."""
         if not self.any_length:
             return None, None
-        before = step + 1 < self.target
-        return (self.banning & before) if self.any_banning else None, ~before
+        count = step + 1
+        before = count < self.target
+        host_step = isinstance(step, int)
+        banning = self.any_banning and not (host_step and count >= self.last_ban_count)
+        forcing = not (host_step and count < self.first_force_count)
+        return (self.banning & before) if banning else None, ~before if forcing else None
 
     def ending(self, step: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(in_window[B], must_end[B]) for the token drawn at 0-based `step`; None when no row can be in its window
@@ -168,11 +179,13 @@ def build_candidates(logits: torch.Tensor, cfg: CandidateSettings, ban_eos: torc
                      ending: tuple[torch.Tensor, torch.Tensor] | None = None,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits[B, V] fp32 -> (ids[B, K] int64, logp[B, K] fp32, filled[B, K] bool); `ending` from EosRule.ending."""
-    scaled = logits * cfg.inv_temperature
+    if ban_eos is None and cfg.unit_temperature and logits.dtype == torch.float32:
+        scaled = logits  # x * 1 is x, bit for bit
+    else:
+        scaled = logits * cfg.inv_temperature  # a fresh tensor: a ban writes its [B, E] EOS columns in place
     if ban_eos is not None:
-        banned = torch.zeros_like(scaled, dtype=torch.bool)
-        banned[:, cfg.eos_ids] = True
-        scaled = scaled.masked_fill(banned & ban_eos.view(-1, 1), float("-inf"))
+        eos_columns = scaled.index_select(1, cfg.eos_ids)
+        scaled.index_copy_(1, cfg.eos_ids, eos_columns.masked_fill(ban_eos.view(-1, 1), float("-inf")))
     full = torch.log_softmax(scaled, dim=-1)
     logp, ids = full.topk(cfg.k, dim=-1)  # sorted descending
     p = logp.exp()

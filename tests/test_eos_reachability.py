@@ -1,7 +1,9 @@
 """EOS reachability: length rules see EOS among their candidates from their target on, At Least never before."""
 from __future__ import annotations
 
+import pytest
 import torch
+from mask_flags import flags
 
 from lenvm_rt import LengthTarget, Sampling
 from lenvm_rt.guidance import CandidateSettings, EosRule, Guidance, build_candidates
@@ -46,12 +48,23 @@ def test_eos_rule_per_row_and_step():
                  Guidance.of(None, -5.0), None]
     rule = EosRule(guidances, torch.device("cpu"))  # targets T = N + 1: 4 and 3 generated tokens
     ban, force = rule.masks(step=1)  # drawing the 2nd token
-    assert ban.tolist() == [False, True, False, False] and force.tolist() == [False, False, False, False]
+    assert flags(ban, 4) == [False, True, False, False] and flags(force, 4) == [False, False, False, False]
     ban, force = rule.masks(step=2)  # the 3rd: At Least's target is reached, Equal's is one away
-    assert ban.tolist() == [False, False, False, False] and force.tolist() == [False, True, False, False]
+    assert flags(ban, 4) == [False, False, False, False] and flags(force, 4) == [False, True, False, False]
     _, force = rule.masks(step=3)
-    assert force.tolist() == [True, True, False, False]  # tilt and unguided rows are never forced
+    assert flags(force, 4) == [True, True, False, False]  # tilt and unguided rows are never forced
     assert EosRule([None, Guidance.of(None, 1.0)], torch.device("cpu")).masks(0) == (None, None)
+
+
+def test_host_step_masks_match_tensor_step_masks_and_skip_only_empty_ones():
+    guidances = [Guidance.of(LengthTarget.equal(5, rule="strict"), None), Guidance.of(LengthTarget.at_least(3), None),
+                 Guidance.of(LengthTarget.at_most(8, "band"), None), Guidance.of(None, -5.0), None]
+    rule = EosRule(guidances, torch.device("cpu"))  # targets T: 6, 4, 9 generated tokens; At Least bans before 4
+    for step in range(12):
+        ban, force = rule.masks(step)
+        tensor_ban, tensor_force = rule.masks(torch.tensor(step))
+        assert flags(ban, 5) == tensor_ban.tolist() and flags(force, 5) == tensor_force.tolist(), step
+        assert (ban is None) == (step + 1 >= 4) and (force is None) == (step + 1 < 4), step
 
 
 def test_band_rows_see_no_eos_before_their_target_and_strict_rows_always_do():
@@ -60,9 +73,9 @@ def test_band_rows_see_no_eos_before_their_target_and_strict_rows_always_do():
     rule = EosRule(guidances, torch.device("cpu"))  # T = 4 generated tokens for both
     for step in range(3):
         ban, force = rule.masks(step)
-        assert ban.tolist() == [True, False] and force.tolist() == [False, False]
+        assert flags(ban, 2) == [True, False] and flags(force, 2) == [False, False]
     ban, force = rule.masks(step=3)  # the 4th token: the target, EOS forced in for both
-    assert ban.tolist() == [False, False] and force.tolist() == [True, True]
+    assert flags(ban, 2) == [False, False] and flags(force, 2) == [True, True]
 
 
 def test_forced_eos_fills_the_first_empty_slot():
@@ -72,3 +85,27 @@ def test_forced_eos_fills_the_first_empty_slot():
     ids, logp, filled = build_candidates(logits, settings, None, torch.tensor([True]))
     assert filled[0].tolist() == [True, True, False, False, False, False]  # filled slots stay in front
     assert int(ids[0, 1]) == EOS and float(logp[0, 1]) == float(torch.log_softmax(logits, -1)[0, EOS])
+
+
+@pytest.mark.parametrize("temperatures", [(1.0, 1.0, 1.0), (0.7, 1.0, 1.3)], ids=["unit", "mixed"])
+def test_ban_and_temperature_give_the_log_softmax_of_the_masked_scaled_logits(temperatures):
+    """The builder scales in place of a [B, V] mask and skips the scaling at temperature 1: same bits as the formula."""
+    eos_ids = [3, 11]
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(5)) * 3
+    logits[:, eos_ids] += 4.0  # EOS among the top candidates unless banned
+    samplings = [Sampling(temperature=t, top_k=6) for t in temperatures]
+    settings = CandidateSettings.of(samplings, eos_ids, torch.device("cpu"))
+    assert settings.unit_temperature == (temperatures == (1.0, 1.0, 1.0))
+    for ban in (None, torch.tensor([True, False, True])):
+        scaled = logits / torch.tensor(temperatures).view(-1, 1) if settings.unit_temperature else \
+            logits * settings.inv_temperature
+        if ban is not None:
+            scaled = scaled.masked_fill(ban.view(-1, 1) & torch.isin(torch.arange(V), torch.tensor(eos_ids)),
+                                        float("-inf"))
+        expected_logp, expected_ids = torch.log_softmax(scaled, dim=-1).topk(6, dim=-1)
+        ids, logp, filled = build_candidates(logits, settings, ban)
+        assert bool(filled.all())
+        assert torch.equal(ids, expected_ids) and torch.equal(logp, expected_logp)
+        if ban is not None:
+            eos = torch.tensor(eos_ids)
+            assert not torch.isin(ids[ban], eos).any() and torch.isin(ids[1], eos).any()
