@@ -7,7 +7,7 @@
 // per-element sequence (zeroed accumulator, one multiply-add per kk in increasing order, then bias).
 //
 // Prefetch: with 2..kMaxPrefetchGroups row groups, the weights are fetched from memory once per panel group and
-// then reused from cache, so without help a row-group pass waits on memory and the others on nothing. The AVX2
+// then reused from cache, so without help the first row-group pass over a group waits on memory. The AVX2
 // tiles therefore ask for the next panel group (one contiguous block) into L2 while computing the current one,
 // one prefetch per kk, the block split evenly over the row groups. Tasks then span several panel groups so there
 // is a next group to fetch. One row group (decode, m <= 4) streams at the memory's pace and is left to the

@@ -159,10 +159,12 @@ class EosRule:
         if not self.any_length:
             return None, None
         count = step + 1
-        before = count < self.target
         host_step = isinstance(step, int)
         banning = self.any_banning and not (host_step and count >= self.last_ban_count)
         forcing = not (host_step and count < self.first_force_count)
+        if not (banning or forcing):
+            return None, None
+        before = count < self.target
         return (self.banning & before) if banning else None, ~before if forcing else None
 
     def ending(self, step: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
