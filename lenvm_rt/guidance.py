@@ -122,6 +122,9 @@ class CandidateSettings:
         )
 
 
+Step = int | Sequence[int] | torch.Tensor  # a 0-based step for all rows, or one per row
+
+
 class EosRule:
     """Which guided rows must not, and which must, see EOS among their candidates at a step, and which are in their
     ending window or must end (module docstring)."""
@@ -152,28 +155,43 @@ class EosRule:
         self.window_stop = torch.tensor(stop, device=device)
         self.must_end_at = torch.tensor(end, device=device)
 
-    def masks(self, step: int | torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(ban[B], force[B]) for the token drawn at 0-based `step`, i.e. the (step + 1)-th generated. None for a
-        mask no row can be in at that step (known on the host for an int step): the candidate builder then skips
-        that work, with the same result as an all-False mask."""
+    def masks(self, step: Step) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(ban[B], force[B]) for the token drawn at 0-based `step` (one for all rows, or each row's), i.e. the
+        (step + 1)-th generated. None for a mask no row can be in at that step (known on the host for int steps):
+        the candidate builder then skips that work, with the same result as an all-False mask."""
         if not self.any_length:
             return None, None
-        count = step + 1
-        host_step = isinstance(step, int)
-        banning = self.any_banning and not (host_step and count >= self.last_ban_count)
-        forcing = not (host_step and count < self.first_force_count)
+        host = _host_counts(step)
+        banning = self.any_banning and not (host is not None and host[0] >= self.last_ban_count)
+        forcing = not (host is not None and host[1] < self.first_force_count)
         if not (banning or forcing):
             return None, None
-        before = count < self.target
+        before = self._counts(step) < self.target
         return (self.banning & before) if banning else None, ~before if forcing else None
 
-    def ending(self, step: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def ending(self, step: Step) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(in_window[B], must_end[B]) for the token drawn at 0-based `step`; None when no row can be in its window
-        (no band bound row, or an int step before every window: the candidate builder then skips the window)."""
-        if not self.any_window or (isinstance(step, int) and step + 1 < self.first_window_count):
+        (no band bound row, or int steps before every window: the candidate builder then skips the window)."""
+        host = _host_counts(step)
+        if not self.any_window or (host is not None and host[1] < self.first_window_count):
             return None
-        count = step + 1
+        count = self._counts(step)
         return (count >= self.window_start) & (count < self.window_stop), count >= self.must_end_at
+
+    def _counts(self, step: Step) -> int | torch.Tensor:
+        """Generated-token counts t + 1: an int for one host step, else a [B] tensor on the rule's device."""
+        if isinstance(step, (list, tuple)):
+            return torch.tensor(step, device=self.target.device) + 1
+        return step + 1
+
+
+def _host_counts(step: Step) -> tuple[int, int] | None:
+    """(least, most) count t + 1 over the rows when the steps are host ints; None for a device tensor."""
+    if isinstance(step, int):
+        return step + 1, step + 1
+    if isinstance(step, (list, tuple)) and step:
+        return min(step) + 1, max(step) + 1
+    return None
 
 
 def build_candidates(logits: torch.Tensor, cfg: CandidateSettings, ban_eos: torch.Tensor | None,

@@ -65,6 +65,15 @@ def test_host_step_masks_match_tensor_step_masks_and_skip_only_empty_ones():
         tensor_ban, tensor_force = rule.masks(torch.tensor(step))
         assert flags(ban, 5) == tensor_ban.tolist() and flags(force, 5) == tensor_force.tolist(), step
         assert (ban is None) == (step + 1 >= 4) and (force is None) == (step + 1 < 4), step
+    for steps in ([0, 1, 0, 5, 9], [2, 9, 3, 0, 0], [3, 3, 3, 3, 3], [7, 8, 2, 1, 1], [9, 9, 9, 9, 9]):  # per row
+        ban, force = rule.masks(steps)
+        tensor_ban, tensor_force = rule.masks(torch.tensor(steps))
+        assert flags(ban, 5) == tensor_ban.tolist() and flags(force, 5) == tensor_force.tolist(), steps
+        assert (ban is None) == (min(steps) + 1 >= 4) and (force is None) == (max(steps) + 1 < 4), steps
+        ending, tensor_ending = rule.ending(steps), rule.ending(torch.tensor(steps))
+        assert (ending is None) == (max(steps) + 1 < 4), steps  # At Least 3 (band): its window starts at T = 4
+        if ending is not None:
+            assert all(torch.equal(a, b) for a, b in zip(ending, tensor_ending)), steps
 
 
 def test_band_rows_see_no_eos_before_their_target_and_strict_rows_always_do():

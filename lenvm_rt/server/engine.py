@@ -350,9 +350,8 @@ class Engine:
         unguided = self._unguided
         plain = (self._chooser(logits, steps) if len(guided) < B
                  else torch.zeros(B, dtype=torch.long, device=dev))
-        step = torch.tensor(steps, device=dev)
-        ban, force = self._eos_rule.masks(step)
-        cand, logp, filled = build_candidates(logits, self._cand_settings, ban, force, self._eos_rule.ending(step))
+        ban, force = self._eos_rule.masks(steps)  # host steps: a mask no row is in is skipped
+        cand, logp, filled = build_candidates(logits, self._cand_settings, ban, force, self._eos_rule.ending(steps))
         width = live_width(filled, ~unguided)
         cand, logp = cand[:, :width], logp[:, :width]
         cand = torch.where(unguided.view(-1, 1), plain.view(-1, 1), cand)
