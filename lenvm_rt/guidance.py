@@ -211,7 +211,7 @@ def build_candidates(logits: torch.Tensor, cfg: CandidateSettings, ban_eos: torc
     p = logp.exp()
     rank = torch.arange(cfg.k, device=logits.device).view(1, -1)
     filled = rank < cfg.top_k.view(-1, 1)
-    filled &= (p.cumsum(dim=-1) - p) <= cfg.top_p.view(-1, 1)
+    filled &= ((p.cumsum(dim=-1) - p) <= cfg.top_p.view(-1, 1)) | (cfg.top_p.view(-1, 1) >= 1)  # sums can pass 1
     filled &= p >= cfg.min_p.view(-1, 1) * p[:, :1]
     filled[:, 0] = True
     ids = torch.where(filled, ids, ids[:, :1])

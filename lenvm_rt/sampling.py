@@ -43,7 +43,7 @@ def filter_mask(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, m
     if use_top_p:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         exclusive = sorted_p.cumsum(dim=-1) - sorted_p  # mass strictly before each rank
-        keep_sorted = exclusive <= top_p.view(-1, 1)
+        keep_sorted = (exclusive <= top_p.view(-1, 1)) | (top_p.view(-1, 1) >= 1)  # float32 sums can pass 1
         keep &= torch.empty_like(keep).scatter_(1, order, keep_sorted)
     return keep | (probs >= p_max)
 
