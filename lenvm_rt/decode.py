@@ -31,7 +31,7 @@ import torch
 
 from . import cpu_ops
 from .config import Sampling
-from .guidance import CandidateSettings, EosRule, Guidance, build_candidates
+from .guidance import CandidateSettings, EosRule, Guidance, Step, build_candidates
 from .model import CausalLM, right_padded
 from .sampling import TokenChooser
 from .selector import make_selector
@@ -164,15 +164,27 @@ def _host_values(logits: torch.Tensor, tokens: torch.Tensor, slot: torch.Tensor,
     return [int(t) for t in ids], logp, [int(r) for r in rank], rem
 
 
-def live_width(filled: torch.Tensor, guided: torch.Tensor) -> int:
-    """Slots the lookahead needs this step: the most filled slots of any guided row (unguided: 1).
+def live_width(filled: torch.Tensor, unguided: torch.Tensor) -> int:
+    """Slots the lookahead needs this step: the most filled slots of any guided row (unguided rows: 1).
 
     Filled slots are a prefix of each row (candidates sorted by probability, filters monotone, a
     forced EOS takes the first empty slot), so cutting the empty tail changes no choice and saves
     the lookahead rows a min-p or top-p filter emptied (one host sync per step, as emitting does).
     """
-    counts = torch.where(guided, filled.sum(dim=-1), 1)
+    counts = torch.where(unguided, 1, filled.sum(dim=-1))
     return int(counts.max())
+
+
+def step_candidates(logits: torch.Tensor, settings: CandidateSettings, eos_rule: EosRule, step: Step,
+                    plain: torch.Tensor, unguided: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's lookahead candidates (ids, log p [B, W]): the candidate set under the rows' EOS rules, cut to the
+    live width, with each unguided row's plain draw plain[B] in its slots (unguided[B] bool). The decode loop and
+    the server engine both build their steps' candidates here, so a request gets the same ones in either."""
+    ban, force = eos_rule.masks(step)
+    cand, logp, filled = build_candidates(logits, settings, ban, force, eos_rule.ending(step))  # [B, K]
+    width = live_width(filled, unguided)
+    cand, logp = cand[:, :width], logp[:, :width]
+    return torch.where(unguided.view(-1, 1), plain.view(-1, 1), cand), logp
 
 
 def decode(model: CausalLM, value: ValueModel | None, prompts: list[list[int]], samplings: list[Sampling],
@@ -221,7 +233,6 @@ def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], sampli
     guided = [b for b, g in enumerate(guidances) if g is not None]
     guided_index = torch.tensor(guided, dtype=torch.long, device=dev)
     unguided = torch.tensor([g is None for g in guidances], device=dev)
-    guided_mask = ~unguided
     settings = CandidateSettings.of(samplings, eos_ids, dev)
     selector = make_selector([guidances[b] for b in guided], [samplings[b] for b in guided],
                              chooser.seeds[guided], max_new_tokens, value.gamma, eos_ids, dev) if guided else None
@@ -240,11 +251,7 @@ def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], sampli
             logits = model.logits(x)
             # unguided rows: exactly their plain-decoding draw (skipped when every row is guided)
             plain = chooser(logits, [step] * B) if len(guided) < B else torch.zeros(B, dtype=torch.long, device=dev)
-            ban, force = eos_rule.masks(step)
-            cand, logp, filled = build_candidates(logits, settings, ban, force, eos_rule.ending(step))  # [B, K]
-            width = live_width(filled, guided_mask)
-            cand, logp = cand[:, :width], logp[:, :width]
-            cand = torch.where(unguided.view(-1, 1), plain.view(-1, 1), cand)
+            cand, logp = step_candidates(logits, settings, eos_rule, step, plain, unguided)  # [B, W]
             # CPU: log p and rank of every candidate now, while the logits are in cache (the lookahead evicts them)
             cand_stats = cpu_candidate_stats(logits, cand)
             prepared = None

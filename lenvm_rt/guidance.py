@@ -7,7 +7,7 @@ Shapes: B rows, V vocabulary, K candidate slots, E EOS ids.
 
 Candidates per row: softmax(logits / temperature) (temperature 1 for greedy rows), the K most
 probable tokens sorted descending (K is the row's top_k, capped at K_MAX; DEFAULT_K when top_k is
-off), then top-p on the exclusive prefix mass of full-vocabulary probabilities, then min-p against
+off), then top-p on the exclusive prefix mass of full-vocabulary probabilities (1: none), then min-p against
 the row's most probable token. Slot 0 always survives. Unfilled slots repeat slot 0's id (so the
 lookahead has a real token to run) and carry logp = -inf.
 

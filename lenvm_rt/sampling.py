@@ -4,7 +4,7 @@
     next_ids = chooser(logits[B, V] fp32, offsets)   # offsets[b] = index of the token being drawn
 
 Greedy rows take the argmax. Sampled rows apply temperature, then top-k, top-p (exclusive prefix
-mass of full-vocabulary probabilities <= top_p) and min-p (p >= min_p * p_max), then draw by
+mass of full-vocabulary probabilities <= top_p; 1 filters nothing) and min-p (p >= min_p * p_max), then draw by
 inverse CDF in vocabulary order with one uniform from the counter-based Philox generator of the C++
 core keyed by (seed, offset). A row's draw depends only on its own logits, seed and offset, never
 on the batch it shares, so a seeded request is reproducible wherever it runs.

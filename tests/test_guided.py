@@ -176,7 +176,7 @@ def test_lookahead_skips_the_slots_the_filters_emptied(rt, monkeypatch):
     monkeypatch.setattr(rt.value.trunk, "lookahead", recording)
     trimmed = rt.generate_batch(prompts, **kwargs)
     assert widths and 1 < max(widths) < 64  # min-p keeps a few of the 64 slots; the unguided row needs 1
-    monkeypatch.setattr(decode_module, "live_width", lambda filled, guided: filled.shape[1])
+    monkeypatch.setattr(decode_module, "live_width", lambda filled, unguided: filled.shape[1])
     widths.clear()
     full = rt.generate_batch(prompts, **kwargs)
     assert set(widths) == {64}

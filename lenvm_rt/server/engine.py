@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from ..config import Sampling
-from ..decode import CACHE_BLOCK, chosen_remaining, live_width
-from ..guidance import CandidateSettings, EosRule, Guidance, build_candidates
+from ..decode import CACHE_BLOCK, chosen_remaining, step_candidates
+from ..guidance import CandidateSettings, EosRule, Guidance
 from ..runtime import Runtime
 from ..sampling import TokenChooser, resolve_seed
 from ..value_math import remaining_from_logit
@@ -350,11 +350,8 @@ class Engine:
         unguided = self._unguided
         plain = (self._chooser(logits, steps) if len(guided) < B
                  else torch.zeros(B, dtype=torch.long, device=dev))
-        ban, force = self._eos_rule.masks(steps)  # host steps: a mask no row is in is skipped
-        cand, logp, filled = build_candidates(logits, self._cand_settings, ban, force, self._eos_rule.ending(steps))
-        width = live_width(filled, ~unguided)
-        cand, logp = cand[:, :width], logp[:, :width]
-        cand = torch.where(unguided.view(-1, 1), plain.view(-1, 1), cand)
+        # the rows' own steps, host ints: a mask no row is in is skipped
+        cand, logp = step_candidates(logits, self._cand_settings, self._eos_rule, steps, plain, unguided)
         trunk = value.trunk or self.rt.model
         lookahead = trunk.lookahead(cand, positions, pos)  # [B, K, D]
         z = value.values(lookahead.reshape(B * cand.shape[1], -1))[0].view(B, -1)
