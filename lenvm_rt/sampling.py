@@ -20,6 +20,8 @@ import torch
 from . import _native
 from .config import Sampling
 
+TOP_P_HEAD = 256  # tokens a CPU top-p filter looks at before sorting a whole row (top_p_mask)
+
 
 def resolve_seed(sampling: Sampling) -> int:
     return sampling.seed if sampling.seed is not None else secrets.randbits(63)
@@ -41,11 +43,29 @@ def filter_mask(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, m
         threshold = torch.where(top_k.view(-1, 1) > 0, kth.gather(1, index), torch.zeros_like(p_max))
         keep &= probs >= threshold
     if use_top_p:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        exclusive = sorted_p.cumsum(dim=-1) - sorted_p  # mass strictly before each rank
-        keep_sorted = (exclusive <= top_p.view(-1, 1)) | (top_p.view(-1, 1) >= 1)  # float32 sums can pass 1
-        keep &= torch.empty_like(keep).scatter_(1, order, keep_sorted)
+        keep &= top_p_mask(probs, top_p)
     return keep | (probs >= p_max)
+
+
+def top_p_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep-mask [B, V]: a token stays when the mass of the tokens sorted before it is <= top_p[b]; top_p >= 1 keeps
+    the whole row (a float32 running sum can pass 1 before its tail).
+
+    On the CPU the TOP_P_HEAD most probable tokens come first (a partial top-k, ~20x cheaper than sorting the
+    vocabulary): when the mass before the last of them already passes every top-p row's limit, nothing beyond can
+    stay, and the prefix sums are those of the full sort (a running sum reads only what precedes it). Otherwise, and
+    on other devices (where the check would be a host sync), the rows are sorted whole.
+    """
+    limit = top_p.view(-1, 1)
+    whole_row = limit >= 1
+    if probs.device.type == "cpu" and probs.shape[-1] > TOP_P_HEAD:
+        head_p, head = probs.topk(TOP_P_HEAD, dim=-1)  # descending
+        exclusive = head_p.cumsum(dim=-1) - head_p  # mass strictly before each rank
+        if bool((whole_row | (exclusive[:, -1:] > limit)).all()):
+            return torch.zeros_like(probs, dtype=torch.bool).scatter_(1, head, exclusive <= limit) | whole_row
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    exclusive = sorted_p.cumsum(dim=-1) - sorted_p
+    return torch.empty_like(probs, dtype=torch.bool).scatter_(1, order, exclusive <= limit) | whole_row
 
 
 class TokenChooser:
@@ -65,6 +85,7 @@ class TokenChooser:
         self._needs_filter = self._k_max > 0 or self._use_top_p or any(s.min_p > 0 for s in sampled)
         temps = [s.temperature if not s.greedy else 1.0 for s in self.samplings]
         self.inv_temperature = torch.tensor([1.0 / t for t in temps], device=device).view(B, 1)
+        self._unit_temperature = all(t == 1.0 for t in temps)
         self.top_k = torch.tensor([s.top_k or 0 for s in self.samplings], device=device)
         self.top_p = torch.tensor([s.top_p for s in self.samplings], device=device)
         self.min_p = torch.tensor([s.min_p for s in self.samplings], device=device)
@@ -75,7 +96,8 @@ class TokenChooser:
         argmax = logits.argmax(dim=-1)
         if self.all_greedy:
             return argmax
-        probs = torch.softmax(logits * self.inv_temperature, dim=-1)
+        unscaled = self._unit_temperature and logits.dtype == torch.float32  # x * 1 is x, bit for bit
+        probs = torch.softmax(logits if unscaled else logits * self.inv_temperature, dim=-1)
         if self._needs_filter:
             keep = filter_mask(probs, self.top_k, self.top_p, self.min_p, k_max=self._k_max,
                                use_top_p=self._use_top_p)

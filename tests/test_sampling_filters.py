@@ -14,7 +14,7 @@ import torch
 
 from lenvm_rt import Sampling, _native
 from lenvm_rt.guidance import K_MAX, CandidateSettings, build_candidates
-from lenvm_rt.sampling import TokenChooser, filter_mask
+from lenvm_rt.sampling import TOP_P_HEAD, TokenChooser, filter_mask, top_p_mask
 
 V = 200
 
@@ -126,3 +126,49 @@ def test_candidate_builder_with_top_p_one_keeps_every_slot_when_the_sum_passes_o
     ids, logp, filled = build_candidates(logits, settings, None)
     assert bool(filled.all()) and sorted(ids[0].tolist()) == list(range(1, K_MAX + 1))
     assert bool(torch.isfinite(logp).all())
+
+
+def full_sort_top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The top-p keep-mask from a sort of the whole row (what top_p_mask computes when it cannot stop early)."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    keep_sorted = (sorted_p.cumsum(dim=-1) - sorted_p <= top_p.view(-1, 1)) | (top_p.view(-1, 1) >= 1)
+    return torch.empty_like(probs, dtype=torch.bool).scatter_(1, order, keep_sorted)
+
+
+@pytest.mark.parametrize("flat_row", [False, True], ids=["head-only", "sorts-whole-rows"])
+def test_top_p_from_the_head_equals_the_full_sort(flat_row: bool, monkeypatch) -> None:
+    """Peaked rows settle inside the TOP_P_HEAD most probable tokens; a flat row (mass 0.9 needs thousands of
+    tokens) sends the batch to the full sort. Both give the full sort's mask bit for bit, and the reference's."""
+    V = 8 * TOP_P_HEAD
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(4, V, generator=gen) * torch.tensor([[6.0], [4.0], [8.0], [5.0]])
+    if flat_row:
+        logits[2] = torch.randn(V, generator=gen) * 0.1
+    probs = torch.softmax(logits, dim=-1)
+    top_p = torch.tensor([0.9, 0.5, 0.95, 1.0])
+    head_p = probs.topk(TOP_P_HEAD, dim=-1).values
+    settles = bool(((head_p.cumsum(-1) - head_p)[:3, -1] > top_p[:3]).all())
+    assert settles != flat_row  # the case the parametrisation names
+    expected = full_sort_top_p(probs, top_p)
+    sorts = []
+    real_sort = torch.Tensor.sort
+    monkeypatch.setattr(torch.Tensor, "sort", lambda t, *a, **k: sorts.append(1) or real_sort(t, *a, **k))
+    keep = top_p_mask(probs, top_p)
+    assert torch.equal(keep, expected) and bool(sorts) == flat_row  # the head alone sorts nothing
+    assert bool(keep[3].all()) and (int(keep[2].sum()) > TOP_P_HEAD) == flat_row
+    for b in range(4):
+        if top_p_margin(probs[b].numpy(), float(top_p[b])) > 1e-5:
+            np.testing.assert_array_equal(keep[b].numpy(), reference_keep(probs[b].numpy(), 0, float(top_p[b]), 0.0))
+
+
+def test_temperature_one_draws_as_the_scaled_formula() -> None:
+    """At temperature 1 the chooser skips the scaling; its draws equal those of the same rows with the scaling
+    forced (a 1.0 temperature among rows of other temperatures)."""
+    logits, _ = random_rows(4, 6)
+    unit = [Sampling(temperature=1.0, seed=40 + b, top_p=0.9) for b in range(6)]
+    chooser = TokenChooser(unit, torch.device("cpu"))
+    scaled = TokenChooser(unit + [Sampling(temperature=0.5, seed=1)], torch.device("cpu"))
+    assert chooser._unit_temperature and not scaled._unit_temperature
+    padded = torch.cat((logits, logits[:1]))
+    for step in range(4):
+        assert chooser(logits, [step] * 6).tolist() == scaled(padded, [step] * 7).tolist()[:6]
