@@ -68,7 +68,7 @@
 namespace {
 
 using lenvm::py_util::CArray;
-using lenvm::py_util::overlaps;
+using lenvm::py_util::check_linear_out;
 using lenvm::py_util::shape_of;
 using lenvm::py_util::without_gil;
 
@@ -108,19 +108,13 @@ void linear(const CArray<float>& x, const CArray<float>& weight, const std::opti
         lenvm::check(bias->ndim() == 1 && bias->shape(0) == n, "bias",
                      "shape [" + std::to_string(n) + "] (N from weight)", shape_of(*bias));
     }
-    lenvm::check(out.ndim() == 2 && out.shape(0) == m && out.shape(1) == n, "out",
-                 "shape [" + std::to_string(m) + ", " + std::to_string(n) + "] (M from x, N from weight)",
-                 shape_of(out));
-    lenvm::check(out.writeable(), "out", "a writeable array", "a read-only array");
-
+    check_linear_out(out, m, n,
+                     "shape [" + std::to_string(m) + ", " + std::to_string(n) + "] (M from x, N from weight)", x,
+                     weight, "weight", bias);
     const float* x_ptr = x.data();
     const float* weight_ptr = weight.data();
     const float* bias_ptr = bias ? bias->data() : nullptr;
     float* out_ptr = out.mutable_data();
-    const bool shared = overlaps(out_ptr, out.size(), x_ptr, x.size()) ||
-                        overlaps(out_ptr, out.size(), weight_ptr, weight.size()) ||
-                        (bias && overlaps(out_ptr, out.size(), bias_ptr, bias->size()));
-    lenvm::check(!shared, "out", "memory disjoint from x, weight and bias", "an overlapping array");
     without_gil([&] { lenvm::linear(x_ptr, weight_ptr, bias_ptr, out_ptr, m, n, k, lenvm::default_pool()); });
 }
 

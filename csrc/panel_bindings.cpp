@@ -17,6 +17,7 @@
 namespace {
 
 using lenvm::py_util::CArray;
+using lenvm::py_util::check_linear_out;
 using lenvm::py_util::overlaps;
 using lenvm::py_util::shape_of;
 using lenvm::py_util::without_gil;
@@ -49,17 +50,12 @@ void panel_linear(const CArray<float>& x, const CArray<float>& panels, std::int6
                  "panels", panel_dims(n, k) + " (N = n, K from x)", shape_of(panels));
     if (bias) lenvm::check(bias->ndim() == 1 && bias->shape(0) == n, "bias", "shape (" + std::to_string(n) + ",)",
                            shape_of(*bias));
-    lenvm::check(out.ndim() == 2 && out.shape(0) == m && out.shape(1) == n, "out",
-                 "shape (" + std::to_string(m) + ", " + std::to_string(n) + ")", shape_of(out));
-    lenvm::check(out.writeable(), "out", "a writeable array", "a read-only array");
+    check_linear_out(out, m, n, "shape (" + std::to_string(m) + ", " + std::to_string(n) + ")", x, panels, "panels",
+                     bias);
     const float* x_ptr = x.data();
     const float* panel_ptr = panels.data();
     const float* bias_ptr = bias ? bias->data() : nullptr;
     float* out_ptr = out.mutable_data();
-    const bool shared = overlaps(out_ptr, out.size(), x_ptr, x.size()) ||
-                        overlaps(out_ptr, out.size(), panel_ptr, panels.size()) ||
-                        (bias && overlaps(out_ptr, out.size(), bias_ptr, bias->size()));
-    lenvm::check(!shared, "out", "memory disjoint from x, panels and bias", "an overlapping array");
     without_gil([&] { lenvm::panel_linear(x_ptr, panel_ptr, bias_ptr, out_ptr, m, n, k, lenvm::default_pool()); });
 }
 

@@ -2,10 +2,13 @@
 #pragma once
 
 #include <functional>
+#include <optional>
 #include <string>
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+
+#include "errors.h"
 
 namespace py = pybind11;
 
@@ -26,6 +29,21 @@ inline std::string shape_of(const py::array& a) {
 inline bool overlaps(const float* a, py::ssize_t a_len, const float* b, py::ssize_t b_len) {
     const std::less<const float*> before;
     return a_len > 0 && b_len > 0 && before(a, b + b_len) && before(b, a + a_len);
+}
+
+// The output checks of a linear layer's binding: out is [m, n] (`expected_shape` words it for the message),
+// writeable, and shares no memory with x, the weights (named `weights_name` in the message) or the bias.
+inline void check_linear_out(const CArray<float>& out, py::ssize_t m, py::ssize_t n, const std::string& expected_shape,
+                             const CArray<float>& x, const CArray<float>& weights, const char* weights_name,
+                             const std::optional<CArray<float>>& bias) {
+    lenvm::check(out.ndim() == 2 && out.shape(0) == m && out.shape(1) == n, "out", expected_shape, shape_of(out));
+    lenvm::check(out.writeable(), "out", "a writeable array", "a read-only array");
+    const float* out_ptr = out.data();
+    const bool shared = overlaps(out_ptr, out.size(), x.data(), x.size()) ||
+                        overlaps(out_ptr, out.size(), weights.data(), weights.size()) ||
+                        (bias && overlaps(out_ptr, out.size(), bias->data(), bias->size()));
+    lenvm::check(!shared, "out", std::string("memory disjoint from x, ") + weights_name + " and bias",
+                 "an overlapping array");
 }
 
 // Runs `fn` with the GIL released. The GIL is taken back by a plain call, not by a destructor such as
