@@ -138,21 +138,30 @@ def cmd_generate(a: argparse.Namespace) -> int:
             {"role": "user", "content": a.prompt}]
     steer = {"length": length, "tilt": a.tilt}
     if a.json:
+        from .quality import quality_of_steps
+
         gen = rt.generate(prompt, max_new_tokens=a.max_new_tokens, sampling=sampling, **steer)
+        quality = quality_of_steps(gen.token_ids, gen.token_logprobs, gen.token_ranks, rt.eos_token_ids)
         print(json.dumps({
             "token_ids": gen.token_ids, "text": gen.text, "num_tokens": gen.num_tokens,
-            "finish_reason": gen.finish_reason, "prompt_tokens": gen.prompt_tokens,
-            "ms_per_token": gen.ms_per_token, "prefill_ms": 1000.0 * gen.prefill_seconds,
-            "values": gen.values, "gamma": rt.gamma,
+            "response_tokens": _response_tokens(gen), "finish_reason": gen.finish_reason,
+            "prompt_tokens": gen.prompt_tokens, "ms_per_token": gen.ms_per_token,
+            "prefill_ms": 1000.0 * gen.prefill_seconds, "values": gen.values, "gamma": rt.gamma,
+            "token_logprobs": gen.token_logprobs, "token_ranks": gen.token_ranks,
+            "quality": {**quality.fields(), "tokens": quality.tokens},
         }, ensure_ascii=False))
         return 0
     from tqdm import tqdm
 
     start, count = time.perf_counter(), 0
+    ids, logprobs, ranks = [], [], []
     bar = tqdm(total=a.max_new_tokens, unit="tok", file=sys.stderr, disable=rt.value is None or a.no_progress,
                desc="generating", leave=False)
     for event in rt.stream(prompt, max_new_tokens=a.max_new_tokens, sampling=sampling, **steer):
         count += 1
+        ids.append(event.token_id)
+        logprobs.append(event.logprob)
+        ranks.append(event.rank)
         if event.remaining is not None:  # the bar's total is the live predicted length
             bar.total = min(a.max_new_tokens, count + round(event.remaining))
         bar.update(1)
@@ -162,7 +171,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
         bar.refresh()
     bar.close()
     elapsed = time.perf_counter() - start
-    print(f"\n[{count} tokens, {count / elapsed:.1f} tok/s]", file=sys.stderr)
+    summary = _length_and_quality(ids, logprobs, ranks, rt.eos_token_ids)
+    print(f"\n[{summary}, {count / elapsed:.1f} tok/s]", file=sys.stderr)
     return 0
 
 
@@ -181,12 +191,18 @@ def _response_tokens(g) -> int:
     return g.num_tokens - (g.finish_reason == "stop")
 
 
-def _length_and_quality(g, eos_ids: frozenset[int]) -> str:
-    """"N tokens, NLL x": the response length and the policy's own NLL per token of it (from the decode steps)."""
+def _length_and_quality(token_ids: list[int], logprobs: list[float], ranks: list[int], eos_ids: frozenset[int]) -> str:
+    """"N tokens, policy NLL x": the response length (EOS not counted) and the policy's own NLL per token of it,
+    from the decoding steps' log-probabilities and ranks."""
     from .quality import quality_of_steps
 
-    q = quality_of_steps(g.token_ids, g.token_logprobs, g.token_ranks, eos_ids)
-    return f"{_response_tokens(g)} tokens, policy NLL {q.nll:.2f}"
+    q = quality_of_steps(token_ids, logprobs, ranks, eos_ids)
+    return f"{q.tokens - q.ended} tokens, policy NLL {q.nll:.2f}"
+
+
+def _summary(g, eos_ids: frozenset[int]) -> str:
+    """_length_and_quality of a Generation."""
+    return _length_and_quality(g.token_ids, g.token_logprobs, g.token_ranks, eos_ids)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -205,25 +221,26 @@ def cmd_demo(a: argparse.Namespace) -> int:
         print(f">>> {text}")
         if guided:
             print(f"[predicted length: {rt.predict_length(chat)[0]:.0f} tokens]")
-        start, count = time.perf_counter(), 0
-        reason = None
+        start, events = time.perf_counter(), []
         for event in rt.stream(chat, max_new_tokens=a.max_new_tokens, sampling=Sampling(temperature=0)):
             sys.stdout.write(event.text)
             sys.stdout.flush()
-            count, reason = count + 1, event.finish_reason
+            events.append(event)
         elapsed = time.perf_counter() - start
-        print(f"\n[{count} tokens, finish={reason}, {count / elapsed:.1f} tok/s]\n")
+        summary = _length_and_quality([e.token_id for e in events], [e.logprob for e in events],
+                                      [e.rank for e in events], rt.eos_token_ids)
+        print(f"\n[{summary}, finish={events[-1].finish_reason}, {len(events) / elapsed:.1f} tok/s]\n")
     if not guided:
         return 0
     chat = [{"role": "user", "content": DEMO_GUIDED_PROMPT}]
     print(f">>> {DEMO_GUIDED_PROMPT}   (length control with the default value head, γ = {rt.gamma:.4f}, "
           f"candidates: top-15 with min-p {DEMO_GUIDED_SAMPLING.min_p}; NLL: nats per token under the unguided policy)")
     plain = rt.generate(chat, max_new_tokens=2 * a.max_new_tokens, sampling=Sampling(temperature=0))
-    print(f"[unguided: {_length_and_quality(plain, rt.eos_token_ids)}] {plain.text.strip()}\n")
+    print(f"[unguided: {_summary(plain, rt.eos_token_ids)}] {plain.text.strip()}\n")
     for constraint, n in DEMO_TARGETS:
         target = {"equal": LengthTarget.equal, "at-most": LengthTarget.at_most, "at-least": LengthTarget.at_least}
         g = rt.generate(chat, max_new_tokens=2 * n + 32, sampling=DEMO_GUIDED_SAMPLING, length=target[constraint](n))
-        print(f"[{constraint} {n}: {_length_and_quality(g, rt.eos_token_ids)}] {g.text.strip()}\n")
+        print(f"[{constraint} {n}: {_summary(g, rt.eos_token_ids)}] {g.text.strip()}\n")
     return 0
 
 

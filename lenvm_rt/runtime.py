@@ -40,7 +40,8 @@ DEFAULT_CONTEXT = 4096
 
 @dataclass(frozen=True)
 class StreamEvent:
-    """One generated token: its id, the text it completes (may be "" mid-character), its index."""
+    """One generated token: its id, the text it completes (may be "" mid-character; the texts of a stream join to
+    Generation.text), its index."""
 
     token_id: int
     text: str
@@ -48,6 +49,7 @@ class StreamEvent:
     finish_reason: str | None  # set on the last event
     remaining: float | None = None  # predicted tokens left after this one (EOS counted); needs a value model
     logprob: float | None = None  # log p of the token under the policy's logits of its step (temperature 1)
+    rank: int | None = None  # the token's 1-based rank there (1 + tokens strictly more likely)
 
 
 def _pick_device(device: str | torch.device | None) -> torch.device:
@@ -337,6 +339,7 @@ class Runtime:
                 max_new_tokens: int) -> Iterator[StreamEvent]:
         decoder = IncrementalDecoder(self.tokenizer)
         for index, emitted in enumerate(self._decode(encoded, samplings, guidances, max_new_tokens)):
-            token, reason, remaining, logprob, _ = emitted[0]  # type: ignore[misc]  # a lone row runs until it ends
-            yield StreamEvent(token_id=token, text=decoder.push(token), index=index, finish_reason=reason,
-                              remaining=remaining, logprob=logprob)
+            token, reason, remaining, logprob, rank = emitted[0]  # type: ignore[misc]  # a lone row runs until it ends
+            text = decoder.push(token) + (decoder.finish() if reason is not None else "")
+            yield StreamEvent(token_id=token, text=text, index=index, finish_reason=reason, remaining=remaining,
+                              logprob=logprob, rank=rank)

@@ -137,10 +137,17 @@ class IncrementalDecoder:
         self._emitted = ""
 
     def push(self, token_id: int) -> str:
+        """The text this token completes ("" while a UTF-8 sequence is incomplete)."""
         self._ids.append(token_id)
         text = self._tok.decode(self._ids)
-        if text.endswith("\ufffd"):
-            return ""
+        return "" if text.endswith("\ufffd") else self._advance(text)
+
+    def finish(self) -> str:
+        """The text not returned yet, an incomplete tail included as decode() gives it (U+FFFD): at the end of
+        the ids, so that the pieces join to decode(ids)."""
+        return self._advance(self._tok.decode(self._ids))
+
+    def _advance(self, text: str) -> str:
         piece = text[len(self._emitted):] if text.startswith(self._emitted) else ""
         self._emitted = text
         return piece

@@ -34,6 +34,8 @@ class Collector:
 
     def __init__(self) -> None:
         self.tokens: list[int] = []
+        self.logprobs: list[float | None] = []
+        self.ranks: list[int | None] = []
         self.remaining: list[float] = []
         self.reason: str | None = None
         self.done = threading.Event()
@@ -41,6 +43,8 @@ class Collector:
     def __call__(self, ev: EngineEvent) -> None:
         if ev.token_id is not None:
             self.tokens.append(ev.token_id)
+            self.logprobs.append(ev.logprob)
+            self.ranks.append(ev.rank)
             if ev.remaining is not None:
                 self.remaining.append(ev.remaining)
         if ev.finish_reason is not None:

@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 from checkpoints import make_checkpoint
 from subproc import run_python
 
+import lenvm_rt
+from lenvm_rt import Sampling
 from lenvm_rt.cli import main
+from lenvm_rt.quality import quality_of_steps
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +27,26 @@ def test_generate_json_prints_one_object(ckpt, capsys):
     assert set(out) >= {"token_ids", "text", "num_tokens", "finish_reason", "ms_per_token"}
     assert out["num_tokens"] == len(out["token_ids"]) and 1 <= out["num_tokens"] <= 6
     assert out["finish_reason"] in ("stop", "length")
+    assert out["response_tokens"] == out["num_tokens"] - (out["finish_reason"] == "stop")
+    rt = lenvm_rt.load(ckpt)
+    gen = rt.generate([{"role": "user", "content": "hello fox"}], max_new_tokens=6, sampling=Sampling(temperature=0))
+    assert out["token_ids"] == gen.token_ids and out["token_ranks"] == gen.token_ranks
+    assert out["token_logprobs"] == pytest.approx(gen.token_logprobs, rel=1e-6, abs=1e-6)
+    q = quality_of_steps(gen.token_ids, gen.token_logprobs, gen.token_ranks, rt.eos_token_ids)
+    assert out["quality"] == pytest.approx({**q.fields(), "tokens": q.tokens}, rel=1e-6, abs=1e-7)
 
 
-def test_generate_streams_text(ckpt, capsys):
-    assert main(["generate", "--model", str(ckpt), "--prompt", "hello", "--raw", "--max-new-tokens", "4",
-                 "--temperature", "0.7", "--seed", "3"]) == 0
-    assert "tokens" in capsys.readouterr().err
+def test_generate_streams_text_then_length_and_quality(ckpt, capsys):
+    args = ["generate", "--model", str(ckpt), "--prompt", "hello", "--raw", "--max-new-tokens", "4",
+            "--temperature", "0.7", "--seed", "3"]
+    assert main(args) == 0
+    streamed = capsys.readouterr()
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert streamed.out == out["text"]
+    summary = re.search(r"\[(\d+) tokens, policy NLL (-?[\d.]+), [\d.]+ tok/s\]", streamed.err)
+    assert summary, streamed.err
+    assert int(summary[1]) == out["response_tokens"] and summary[2] == f"{out['quality']['nll']:.2f}"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -192,6 +192,8 @@ def test_decoding_step_statistics_equal_transformers_scores_of_the_generated_tex
     assert any(r > 1 for g in gens for r in g.token_ranks)
     events = list(rt.stream(prompts[0], max_new_tokens=12, sampling=Sampling(temperature=1.3, seed=4)))
     assert [e.logprob for e in events] == pytest.approx(gens[0].token_logprobs, abs=1e-6)
+    assert [e.rank for e in events] == gens[0].token_ranks
+    assert "".join(e.text for e in events) == gens[0].text
 
 
 def test_quality_of_steps_refuses_mismatched_lengths():

@@ -1,5 +1,6 @@
 """The continuous-batching engine: rows join and leave one running batch, and every request's tokens equal
-`Runtime.generate` of the same request alone (plain and guided rows mixed, staggered arrivals)."""
+`Runtime.generate` of the same request alone (plain and guided rows mixed, staggered arrivals), with the same
+log-probability and rank of each token under the policy."""
 from __future__ import annotations
 
 import threading
@@ -48,6 +49,8 @@ def test_each_request_equals_runtime_generate_alone(rt):
             assert tokens == gen.token_ids
             assert reason == gen.finish_reason
             assert remaining == pytest.approx(gen.values, rel=1e-5, abs=1e-6)
+            assert c.ranks == gen.token_ranks
+            assert c.logprobs == pytest.approx(gen.token_logprobs, rel=1e-6, abs=1e-6)
         assert engine.load() == (0, 0)
     finally:
         engine.stop()
@@ -56,14 +59,17 @@ def test_each_request_equals_runtime_generate_alone(rt):
 def test_plain_runtime_without_value_model(tmp_path):
     rt = tiny_runtime(tmp_path, value=False)
     reqs = [r for r in _requests() if r[3] is None and r[4] is None]
-    expected = [rt.generate(p, max_new_tokens=n, sampling=s).token_ids for p, n, s, _, _ in reqs]
+    expected = [rt.generate(p, max_new_tokens=n, sampling=s) for p, n, s, _, _ in reqs]
     engine = Engine(rt, max_batch=2).start()
     try:
         collectors = [Collector() for _ in reqs]
         for c, (p, n, s, _, _) in zip(collectors, reqs):
             engine.submit(p, n, s, None, c)
-        assert [c.wait()[0] for c in collectors] == expected
+        assert [c.wait()[0] for c in collectors] == [g.token_ids for g in expected]
         assert all(c.remaining == [] for c in collectors)
+        assert [c.ranks for c in collectors] == [g.token_ranks for g in expected]
+        for c, g in zip(collectors, expected):
+            assert c.logprobs == pytest.approx(g.token_logprobs, rel=1e-6, abs=1e-6)
     finally:
         engine.stop()
 

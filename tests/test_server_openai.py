@@ -45,6 +45,21 @@ def test_models_and_chat(served):
 
 
 @pytest.mark.slow
+def test_chat_logprobs_and_quality_through_the_client(served):
+    client, _, expected = served
+    want = expected["chat"]
+    out = client.chat.completions.create(model="default", messages=CHAT, max_tokens=12, temperature=0, seed=0,
+                                         logprobs=True)
+    content = out.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx(want.token_logprobs, rel=1e-6, abs=1e-6)
+    assert "".join(c.token for c in content) == out.choices[0].message.content == want.text
+    quality = out.choices[0].model_extra["quality"]
+    assert quality["tokens"] == want.num_tokens
+    assert quality["nll"] == pytest.approx(-sum(want.token_logprobs) / want.num_tokens, rel=1e-6)
+    assert quality["mean_rank"] == pytest.approx(sum(want.token_ranks) / want.num_tokens, rel=1e-9)
+
+
+@pytest.mark.slow
 def test_streaming_chat_carries_the_live_prediction(served):
     client, _, expected = served
     stream = client.chat.completions.create(model="default", messages=CHAT, max_tokens=12, temperature=0, seed=0,

@@ -7,8 +7,12 @@
 Endpoints: POST /v1/chat/completions, /v1/completions (OpenAI-compatible; `stream: true` answers
 server-sent events ending with `data: [DONE]`), POST /v1/length/predict, GET /v1/models, GET /health.
 Streamed chunks carry `remaining_tokens` on each choice: the value model's live predicted remaining
-length (EOS counted; null without a value model). `usage.completion_tokens` counts every generated token,
-EOS included, up to the one that completed a stop string. Every error is OpenAI's error JSON with a 4xx
+length (EOS counted; null without a value model). Every finished choice carries `quality`, the policy's
+own judgement of its tokens (`quality.py`: nll in nats per token, mean_rank, mean_prob, repetition_rate, and
+the tokens scored), on the streamed chunk with its finish_reason too; with `logprobs` each token's log p
+comes back in OpenAI's format (chat: `logprobs.content[]`; completions: `tokens`, `token_logprobs`,
+`text_offset`). `usage.completion_tokens` counts every generated token, EOS included, up to the one that
+completed a stop string; logprobs and quality cover the same tokens. Every error is OpenAI's error JSON with a 4xx
 (429 when the engine's queue is full, 503 when it is not running); a client that disconnects frees its
 rows at the engine's next step.
 """
@@ -27,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..quality import quality_of_steps
 from .engine import Engine, EngineEvent, EngineRequest, EngineStopped, QueueFull
 from .protocol import (
     MAX_PREDICT_PROMPTS,
@@ -55,9 +60,13 @@ class _Choices:
         self.requests: list[EngineRequest] = []
         self.spec = spec
         tok = engine.rt.tokenizer
-        self.text = [TextAssembler(tok, spec.stop) for _ in spec.samplings]
-        self.tokens = [0] * len(spec.samplings)
-        self.reasons: list[str | None] = [None] * len(spec.samplings)
+        self.eos_ids = engine.rt.eos_token_ids
+        n = len(spec.samplings)
+        self.text = [TextAssembler(tok, spec.stop) for _ in range(n)]
+        self.ids: list[list[int]] = [[] for _ in range(n)]  # counted tokens of each choice
+        self.logprobs: list[list[float]] = [[] for _ in range(n)]
+        self.ranks: list[list[int]] = [[] for _ in range(n)]
+        self.reasons: list[str | None] = [None] * n
         try:
             for i, sampling in enumerate(spec.samplings):
                 self.requests.append(engine.submit(spec.prompt_ids, spec.max_tokens, sampling, spec.guidance,
@@ -88,22 +97,47 @@ class _Choices:
             return "", None  # events after a stop string cut the choice
         piece = ""
         if ev.token_id is not None:
-            self.tokens[index] += 1
+            self.ids[index].append(ev.token_id)
+            self.logprobs[index].append(ev.logprob)
+            self.ranks[index].append(ev.rank)
             piece = self.text[index].push(ev.token_id)
         reason = ev.finish_reason
+        if reason is not None and not self.text[index].stopped:
+            piece += self.text[index].flush()
         if self.text[index].stopped:
             reason = "stop"
             self.requests[index].cancel()
-        elif reason is not None:
-            piece += self.text[index].flush()
         if reason == "error":
             raise APIError(503, ev.error or "the request failed", code="unavailable")
         self.reasons[index] = reason
         return piece, reason
 
     def usage(self) -> dict[str, int]:
-        prompt, completion = len(self.spec.prompt_ids), sum(self.tokens)
+        prompt, completion = len(self.spec.prompt_ids), sum(map(len, self.ids))
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def quality(self, index: int) -> dict[str, float | int] | None:
+        """The policy's own judgement of choice `index`'s tokens; None when it has none."""
+        if not self.ids[index]:
+            return None
+        q = quality_of_steps(self.ids[index], self.logprobs[index], self.ranks[index], self.eos_ids)
+        return {**q.fields(), "tokens": q.tokens}
+
+    def logprobs_of(self, index: int, chat: bool, start: int = 0) -> dict[str, Any] | None:
+        """OpenAI's logprobs object for choice `index`'s tokens from `start` on; None when not asked for."""
+        if not self.spec.logprobs:
+            return None
+        texts = self.text[index].token_texts[start:len(self.ids[index])]
+        logps = self.logprobs[index][start:]
+        if chat:
+            return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
+                                for t, lp in zip(texts, logps)]}
+        offset = sum(map(len, self.text[index].token_texts[:start]))
+        offsets = []
+        for t in texts:
+            offsets.append(offset)
+            offset += len(t)
+        return {"tokens": texts, "token_logprobs": logps, "top_logprobs": None, "text_offset": offsets}
 
 
 def _error(exc: APIError) -> JSONResponse:
@@ -232,11 +266,9 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             raise
         out = []
         for i, (text, reason) in enumerate(zip(texts, choices.reasons)):
-            if chat:
-                out.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                            "finish_reason": reason})
-            else:
-                out.append({"index": i, "text": text, "logprobs": None, "finish_reason": reason})
+            content = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+            out.append({"index": i, **content, "logprobs": choices.logprobs_of(i, chat), "finish_reason": reason,
+                        "quality": choices.quality(i)})
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                              "created": int(time.time()), "model": model_name, "choices": out,
                              "usage": choices.usage()})
@@ -250,19 +282,24 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                     **extra}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-        def choice(i: int, text: str, reason: str | None, remaining: float | None, role: bool = False):
+        def choice(i: int, text: str, reason: str | None, remaining: float | None, role: bool = False,
+                   logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
             if chat:
                 delta = {"role": "assistant", "content": text} if role else {"content": text}
-                return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason,
-                        "remaining_tokens": remaining}
-            return {"index": i, "text": text, "logprobs": None, "finish_reason": reason,
-                    "remaining_tokens": remaining}
+                body = {"index": i, "delta": delta}
+            else:
+                body = {"index": i, "text": text}
+            body.update(logprobs=logprobs, finish_reason=reason, remaining_tokens=remaining)
+            if reason is not None:
+                body["quality"] = choices.quality(i)
+            return body
 
         try:
             if chat:
                 yield chunk([choice(i, "", None, None, role=True) for i in range(len(choices.reasons))])
             while not choices.done:
                 index, ev = await choices.queue.get()
+                counted = len(choices.ids[index])
                 try:
                     piece, reason = choices.apply(index, ev)
                 except APIError as exc:
@@ -270,7 +307,9 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                     break
                 if ev.token_id is not None or reason is not None:
                     remaining = 0.0 if reason == "stop" and ev.remaining is not None else ev.remaining
-                    yield chunk([choice(index, piece, reason, remaining)])
+                    logprobs = (choices.logprobs_of(index, chat, counted) if len(choices.ids[index]) > counted
+                                else None)
+                    yield chunk([choice(index, piece, reason, remaining, logprobs=logprobs)])
             if choices.spec.include_usage:
                 yield chunk([], usage=choices.usage())
             yield "data: [DONE]\n\n"

@@ -2,7 +2,7 @@
 
     engine = Engine(runtime, max_batch=16, max_queue=64).start()
     req = engine.submit(prompt_ids, max_new_tokens, sampling, guidance, on_event)   # QueueFull when full
-    on_event(EngineEvent(token_id, remaining, finish_reason))   # called on the engine thread, once per token
+    on_event(EngineEvent(token_id, remaining, finish_reason, error, logprob, rank))  # engine thread, per token
     req.cancel()                                                 # frees the row and its KV at the next step
     engine.call(fn) -> concurrent.futures.Future                 # fn(engine) between two steps (length prediction)
     engine.stop()
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..config import Sampling
-from ..decode import CACHE_BLOCK, chosen_remaining, step_candidates
+from ..decode import CACHE_BLOCK, chosen_remaining, chosen_stats, step_candidates
 from ..guidance import CandidateSettings, EosRule, Guidance
 from ..runtime import Runtime
 from ..sampling import TokenChooser, resolve_seed
@@ -57,6 +57,8 @@ class EngineEvent:
     remaining: float | None = None  # predicted tokens left after this one (EOS counted); needs a value model
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None
+    logprob: float | None = None  # log p of the token under the policy's logits of its step (temperature 1)
+    rank: int | None = None  # its 1-based rank there (1 + tokens strictly more likely)
 
 
 @dataclass(eq=False)
@@ -320,11 +322,10 @@ class Engine:
         pos = torch.tensor(positions, device=dev)
         logits = model.logits(self._x)
         if value is None:
-            tokens = self._chooser(logits, steps)
-            token_list, remaining = tokens.tolist(), None
+            tokens, remaining = self._chooser(logits, steps), None
         else:
-            tokens, token_list, remaining, slot, lookahead = self._valued(logits, steps, positions, pos)
-        finished = self._emit(token_list, remaining)
+            tokens, remaining, slot, lookahead = self._valued(logits, steps, positions, pos)
+        finished = self._emit(*chosen_stats(logits, tokens), remaining)
         self.steps += 1
         if len(finished) == B:
             self._drop(finished, None)
@@ -361,18 +362,19 @@ class Engine:
             g_slot, g_token = self._guide.step(self._guide_slots, cand[guided], logp[guided], z[guided])
             slot[guided] = g_slot.to(dev).clamp(min=0)
             tokens[guided] = g_token.to(dev)
-        token_list = tokens.tolist()
-        remaining = chosen_remaining(z, slot.tolist(), token_list, value.gamma, self.rt.eos_token_ids)
-        return tokens, token_list, remaining, slot, lookahead
+        remaining = chosen_remaining(z, slot.tolist(), tokens.tolist(), value.gamma, self.rt.eos_token_ids)
+        return tokens, remaining, slot, lookahead
 
-    def _emit(self, tokens: list[int], remaining: list[float] | None) -> list[int]:
+    def _emit(self, tokens: list[int], logprobs: list[float], ranks: list[int], remaining: list[float] | None
+              ) -> list[int]:
         finished = []
         eos = self.rt.eos_token_ids
-        for i, (row, token) in enumerate(zip(self._rows, tokens)):
+        for i, (row, token, logprob, rank) in enumerate(zip(self._rows, tokens, logprobs, ranks)):
             reason = "stop" if token in eos else ("length" if row.step + 1 == row.req.max_new_tokens else None)
             if row.req.cancelled:
                 reason = reason or "cancelled"
-            self._send(row.req, EngineEvent(token, None if remaining is None else remaining[i], reason))
+            self._send(row.req, EngineEvent(token, None if remaining is None else remaining[i], reason,
+                                            logprob=logprob, rank=rank))
             if reason is None and row.req.cancelled:  # cancelled while its event was being handled
                 self._send(row.req, EngineEvent(None, None, "cancelled"))
                 reason = "cancelled"

@@ -8,8 +8,12 @@
 The schemas check structure and types only (strict: no "1" for 1, no true for 1); ranges come from the
 runtime's own validation (`Sampling`, `LengthTarget`, `Guidance.of`, `Runtime.encode`, `_check_budget`),
 so the server accepts exactly what `Runtime.generate` accepts. Unknown fields are ignored, as OpenAI
-clients send fields this server does not use; options it cannot honour (logprobs, echo, best_of, suffix,
-tools) are refused with 400 rather than silently dropped.
+clients send fields this server does not use; options it cannot honour (top log-probabilities of other
+tokens, echo, best_of, suffix, tools) are refused with 400 rather than silently dropped.
+
+Log-probabilities: chat `logprobs: true` (with `top_logprobs` absent or 0) and completions `logprobs: 0`
+return each generated token's log p under the policy's own distribution at its step (temperature 1, no
+filters: the unguided judgement, as `Generation.token_logprobs`).
 
 Extension fields: `length: {"target": N, "constraint": "equal"|"at_most"|"at_least", "rule":
 "strict"|"band"|"soft"}` (N response tokens, EOS not counted), `length_tilt: β`, `top_k`, `min_p`.
@@ -124,6 +128,7 @@ class _Common(_Schema):
 class ChatRequest(_Common):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
+    top_logprobs: int | None = None
     tools: list[Any] | None = None
 
 
@@ -167,6 +172,7 @@ class GenerationSpec:
     stop: list[str]
     stream: bool
     include_usage: bool
+    logprobs: bool = False  # return each token's log-probability
 
 
 def _bad(message: str, param: str | None, code: str = "invalid_value") -> APIError:
@@ -182,9 +188,38 @@ def encode_prompt(rt: Runtime, prompt: Any, param: str) -> list[int]:
         raise _bad(str(exc), param) from None
 
 
+def _logprobs_wanted(req: ChatRequest | CompletionRequest) -> bool:
+    """Whether the chosen tokens' log-probabilities are asked for: chat `logprobs: true` with no top
+    alternatives, completions `logprobs: 0`; anything asking for other tokens' log-probabilities is refused."""
+    value = req.logprobs
+    if isinstance(req, ChatRequest):
+        if value is not None and not isinstance(value, bool):
+            raise _bad(f"logprobs must be true or false for chat completions; got {value!r}", "logprobs",
+                       "invalid_type")
+        top = req.top_logprobs
+        if top is not None and top < 0:
+            raise _bad(f"top_logprobs must be >= 0; got {top}", "top_logprobs")
+        if top:
+            raise _bad("top_logprobs is not supported by this server (logprobs: true returns the chosen tokens' "
+                       "log-probabilities)", "top_logprobs", "unsupported_parameter")
+        return bool(value)
+    if value is None or value is False:
+        return False
+    if value is True:
+        raise _bad("logprobs must be an integer for completions (0: the chosen tokens' log-probabilities)",
+                   "logprobs", "invalid_type")
+    if value < 0:
+        raise _bad(f"logprobs must be >= 0; got {value}", "logprobs")
+    if value > 0:
+        raise _bad(f"logprobs {value} asks for the top {value} alternatives, which this server does not return; "
+                   "logprobs 0 returns the chosen tokens' log-probabilities", "logprobs", "unsupported_parameter")
+    return True
+
+
 def build_spec(rt: Runtime, req: ChatRequest | CompletionRequest, prompt: Any, param: str) -> GenerationSpec:
     """Validate everything a generation request asks for, with the runtime's own checks."""
-    unsupported = {"logprobs": bool(req.logprobs), "best_of": req.best_of not in (None, 1),
+    logprobs = _logprobs_wanted(req)
+    unsupported = {"best_of": req.best_of not in (None, 1),
                    "echo": bool(getattr(req, "echo", None)), "suffix": bool(getattr(req, "suffix", None)),
                    "tools": bool(getattr(req, "tools", None))}
     for name, refused in unsupported.items():
@@ -234,7 +269,7 @@ def build_spec(rt: Runtime, req: ChatRequest | CompletionRequest, prompt: Any, p
                    "context_length_exceeded" if over else "invalid_value") from None
     opts = req.stream_options
     return GenerationSpec(ids, max_tokens, samplings, guidance, stop, bool(req.stream),
-                          bool(opts and opts.include_usage))
+                          bool(opts and opts.include_usage), logprobs)
 
 
 class TextAssembler:
@@ -247,10 +282,27 @@ class TextAssembler:
         self.text = ""
         self.sent = 0
         self.stopped = False
+        self.token_texts: list[str] = []  # the text each pushed token completed ("" mid-character, for EOS)
 
     def push(self, token_id: int) -> str:
         """The new text safe to send; sets `stopped` (and cuts the text) when a stop string appears."""
-        self.text += self._decoder.push(token_id)
+        self.token_texts.append(self._decoder.push(token_id))
+        return self._append(self.token_texts[-1])
+
+    def flush(self) -> str:
+        """At the end of the choice: all text not sent yet, the decoder's incomplete tail included (it joins the
+        last token's text)."""
+        tail = self._decoder.finish()
+        if tail and self.token_texts:
+            self.token_texts[-1] += tail
+        piece = self._append(tail)
+        if self.stopped:
+            return piece
+        rest, self.sent = self.text[self.sent:], len(self.text)
+        return piece + rest
+
+    def _append(self, decoded: str) -> str:
+        self.text += decoded
         hits = [i for i in (self.text.find(s, max(0, self.sent - len(s) + 1)) for s in self._stop) if i >= 0]
         if hits:
             end, self.stopped = min(hits), True
@@ -258,8 +310,4 @@ class TextAssembler:
         else:
             end = max(self.sent, len(self.text) - self._hold)
         piece, self.sent = self.text[self.sent:end], end
-        return piece
-
-    def flush(self) -> str:
-        piece, self.sent = self.text[self.sent:], len(self.text)
         return piece
