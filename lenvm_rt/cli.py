@@ -26,7 +26,7 @@ from .cli_eval import add_eval_commands
 from .cli_eval_lifebench import add_lifebench_command
 from .cli_eval_report import add_report_command
 from .cli_train import add_training_commands
-from .config import Sampling
+from .config import Generation, Sampling
 
 
 def _threads(n: int | None) -> None:
@@ -138,13 +138,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
             {"role": "user", "content": a.prompt}]
     steer = {"length": length, "tilt": a.tilt}
     if a.json:
-        from .quality import quality_of_steps
-
         gen = rt.generate(prompt, max_new_tokens=a.max_new_tokens, sampling=sampling, **steer)
-        quality = quality_of_steps(gen.token_ids, gen.token_logprobs, gen.token_ranks, rt.eos_token_ids)
+        quality = gen.quality
         print(json.dumps({
             "token_ids": gen.token_ids, "text": gen.text, "num_tokens": gen.num_tokens,
-            "response_tokens": _response_tokens(gen), "finish_reason": gen.finish_reason,
+            "response_tokens": gen.response_tokens, "finish_reason": gen.finish_reason,
             "prompt_tokens": gen.prompt_tokens, "ms_per_token": gen.ms_per_token,
             "prefill_ms": 1000.0 * gen.prefill_seconds, "values": gen.values, "gamma": rt.gamma,
             "token_logprobs": gen.token_logprobs, "token_ranks": gen.token_ranks,
@@ -187,10 +185,6 @@ DEMO_TARGETS = (("equal", 16), ("equal", 48), ("at-most", 24), ("at-least", 96))
 DEMO_GUIDED_SAMPLING = Sampling(temperature=0, min_p=0.7)
 
 
-def _response_tokens(g) -> int:
-    return g.num_tokens - (g.finish_reason == "stop")
-
-
 def _length_and_quality(token_ids: list[int], logprobs: list[float], ranks: list[int], eos_ids: frozenset[int]) -> str:
     """"N tokens, policy NLL x": the response length (EOS not counted) and the policy's own NLL per token of it,
     from the decoding steps' log-probabilities and ranks."""
@@ -200,9 +194,9 @@ def _length_and_quality(token_ids: list[int], logprobs: list[float], ranks: list
     return f"{q.tokens - q.ended} tokens, policy NLL {q.nll:.2f}"
 
 
-def _summary(g, eos_ids: frozenset[int]) -> str:
-    """_length_and_quality of a Generation."""
-    return _length_and_quality(g.token_ids, g.token_logprobs, g.token_ranks, eos_ids)
+def _summary(g: Generation) -> str:
+    """"N tokens, policy NLL x" of a Generation."""
+    return f"{g.response_tokens} tokens, policy NLL {g.quality.nll:.2f}"
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -236,11 +230,11 @@ def cmd_demo(a: argparse.Namespace) -> int:
     print(f">>> {DEMO_GUIDED_PROMPT}   (length control with the default value head, γ = {rt.gamma:.4f}, "
           f"candidates: top-15 with min-p {DEMO_GUIDED_SAMPLING.min_p}; NLL: nats per token under the unguided policy)")
     plain = rt.generate(chat, max_new_tokens=2 * a.max_new_tokens, sampling=Sampling(temperature=0))
-    print(f"[unguided: {_summary(plain, rt.eos_token_ids)}] {plain.text.strip()}\n")
+    print(f"[unguided: {_summary(plain)}] {plain.text.strip()}\n")
     for constraint, n in DEMO_TARGETS:
         target = {"equal": LengthTarget.equal, "at-most": LengthTarget.at_most, "at-least": LengthTarget.at_least}
         g = rt.generate(chat, max_new_tokens=2 * n + 32, sampling=DEMO_GUIDED_SAMPLING, length=target[constraint](n))
-        print(f"[{constraint} {n}: {_summary(g, rt.eos_token_ids)}] {g.text.strip()}\n")
+        print(f"[{constraint} {n}: {_summary(g)}] {g.text.strip()}\n")
     return 0
 
 

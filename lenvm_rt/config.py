@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .quality import TextQuality
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
@@ -272,3 +275,20 @@ class Generation:
         """Mean decode time per generated token after the first (the first comes from the prefill)."""
         steps = max(self.num_tokens - 1, 1)
         return 1000.0 * self.decode_seconds / steps
+
+    @property
+    def response_tokens(self) -> int:
+        """The length a length target counts: generated tokens without the final EOS."""
+        return self.num_tokens - (self.finish_reason == "stop")
+
+    @property
+    def quality(self) -> TextQuality | None:
+        """The policy's own judgement of the generated tokens, from token_logprobs / token_ranks (quality.py:
+        NLL per token, mean rank and probability, 4-gram repetition; a final EOS scored like any token); None
+        without tokens."""
+        from .quality import quality_of_steps
+
+        if not self.token_ids:
+            return None
+        eos = {self.token_ids[-1]} if self.finish_reason == "stop" else set()
+        return quality_of_steps(self.token_ids, self.token_logprobs, self.token_ranks, eos)

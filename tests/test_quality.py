@@ -185,6 +185,7 @@ def test_decoding_step_statistics_equal_transformers_scores_of_the_generated_tex
         assert gen.token_ranks == ranks  # sampled at other temperatures: ranks > 1 occur
         assert gen.token_logprobs == pytest.approx(logp, abs=1e-4)
         from_steps = quality_of_steps(gen.token_ids, gen.token_logprobs, gen.token_ranks, rt.eos_token_ids)
+        assert gen.quality == from_steps and gen.response_tokens == gen.num_tokens - from_steps.ended
         forward = text_quality(rt.model, prompt, gen.token_ids, rt.eos_token_ids)
         assert from_steps.nll == pytest.approx(forward.nll, abs=1e-4)
         assert (from_steps.mean_rank, from_steps.repetition_rate, from_steps.ended) == \
@@ -201,3 +202,15 @@ def test_quality_of_steps_refuses_mismatched_lengths():
         quality_of_steps([5, 6], [-0.1], [1, 2], {EOS})
     with pytest.raises(ValueError, match="one log-probability and one rank per token"):
         quality_of_steps([], [], [], {EOS})
+
+
+def test_generation_quality_is_none_without_tokens():
+    from lenvm_rt.config import Generation
+
+    empty = Generation(text="", token_ids=[], num_tokens=0, finish_reason="length", prompt_tokens=3,
+                       prefill_seconds=0.0, decode_seconds=0.0)
+    assert empty.quality is None and empty.response_tokens == 0
+    ended = Generation(text="a", token_ids=[7, 2], num_tokens=2, finish_reason="stop", prompt_tokens=3,
+                       prefill_seconds=0.0, decode_seconds=0.0, token_logprobs=[-1.0, -3.0], token_ranks=[1, 4])
+    q = ended.quality
+    assert (q.nll, q.mean_rank, q.tokens, q.ended, ended.response_tokens) == (2.0, 2.5, 2, True, 1)

@@ -13,7 +13,8 @@ cache rows 0..n-1 (a finished row's slot takes the last row's KV), a new request
 next free row (`prefill(slots=[n])`), and every step advances all active rows by one token, guided and
 unguided rows mixed, each with its own sampling, seed, length rule and step counter.
 
-Batch invariance: a request draws the same tokens as `Runtime.generate` of the same request alone. Its
+Batch invariance: a request draws the same tokens as `Runtime.generate` of the same request alone, and its
+events carry the same log p and rank of each token (`Generation.token_logprobs` / `token_ranks`). Its
 prompt is prefilled alone, its draws are keyed by (seed, its own step), its guided choices come from its own
 slot of the step controller, and the per-row ops (the CPU core's skinny GEMM and attention) give a row the
 same bits whatever the batch (tests/test_server_engine.py checks this for plain and guided rows).
