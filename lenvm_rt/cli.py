@@ -38,6 +38,11 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+# min-p keeps improbable tokens out of the candidate set, so a length rule steers the length without wrecking the
+# text (0.7: the guard of the published LIFEBench run, README "Quality guard"); generate's default with --length
+GUARD_MIN_P = 0.7
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="checkpoint directory, hub id, or 'default'")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -50,12 +55,15 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--min-p", type=float, default=None,
+                   help=f"keep tokens with p >= min_p * p_max (default: {GUARD_MIN_P} with --length, the quality "
+                        "guard; 0 otherwise)")
     p.add_argument("--seed", type=int, default=None)
 
 
 def _sampling(a: argparse.Namespace) -> Sampling:
-    return Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p, seed=a.seed)
+    min_p = a.min_p if a.min_p is not None else (GUARD_MIN_P if a.length is not None else 0.0)
+    return Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=min_p, seed=a.seed)
 
 
 def _load(a: argparse.Namespace):
@@ -180,9 +188,7 @@ DEMO_PROMPTS = [
 ]
 DEMO_GUIDED_PROMPT = "Explain why the sky is blue."
 DEMO_TARGETS = (("equal", 16), ("equal", 48), ("at-most", 24), ("at-least", 96))
-# min-p keeps improbable tokens out of the candidate set, so the rule steers length without wrecking the text
-# (0.7: the guard of the published LIFEBench run, README "Quality guard")
-DEMO_GUIDED_SAMPLING = Sampling(temperature=0, min_p=0.7)
+DEMO_GUIDED_SAMPLING = Sampling(temperature=0, min_p=GUARD_MIN_P)
 
 
 def _length_and_quality(token_ids: list[int], logprobs: list[float], ranks: list[int], eos_ids: frozenset[int]) -> str:

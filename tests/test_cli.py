@@ -10,7 +10,7 @@ from checkpoints import make_checkpoint
 from subproc import run_python
 
 import lenvm_rt
-from lenvm_rt import Sampling
+from lenvm_rt import LengthTarget, Sampling
 from lenvm_rt.cli import main
 from lenvm_rt.quality import quality_of_steps
 
@@ -134,6 +134,24 @@ def test_generate_with_a_length_target(ckpt, value_head, capsys):
                  "--max-new-tokens", "20", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["num_tokens"] <= 6 and len(out["values"]) == out["num_tokens"] and out["gamma"] == 0.99
+
+
+def test_a_length_target_takes_the_quality_guard_unless_min_p_is_given(ckpt, value_head, capsys):
+    from lenvm_rt.cli import GUARD_MIN_P, _sampling, build_parser
+
+    base = ["generate", "--model", str(ckpt), "--value-model", str(value_head), "--prompt", "hi", "--json",
+            "--length", "6", "--temperature", "1", "--top-k", "15", "--seed", "4", "--max-new-tokens", "14"]
+    parse = build_parser().parse_args
+    assert _sampling(parse(base)).min_p == GUARD_MIN_P == 0.7
+    assert _sampling(parse([*base, "--min-p", "0"])).min_p == 0.0
+    assert _sampling(parse(base[:8])).min_p == 0.0  # no --length: no guard
+    rt = lenvm_rt.load(ckpt, value_model=value_head)
+    for extra, min_p in (([], GUARD_MIN_P), (["--min-p", "0.1"], 0.1)):
+        assert main([*base, *extra]) == 0
+        out = json.loads(capsys.readouterr().out)
+        want = rt.generate([{"role": "user", "content": "hi"}], max_new_tokens=14, length=LengthTarget.equal(6),
+                           sampling=Sampling(temperature=1, top_k=15, seed=4, min_p=min_p))
+        assert out["token_ids"] == want.token_ids
 
 
 def test_generate_streams_with_the_live_prediction_bar(ckpt, value_head, capsys):
