@@ -1,10 +1,13 @@
-// lenvm_rt._core.pack_panels / panel_linear: argument checks, buffer views and GIL release for csrc/panel_linear.h.
+// lenvm_rt._core.pack_panels / panel_linear / bf16_exact: argument checks, buffer views and GIL release for
+// csrc/panel_linear.h.
 //
-// pack_panels(weight: float32[N, K], out: float32[ceil(N / 8), K, 8]) -> None
-// panel_linear(x: float32[M, K], panels: float32[ceil(N / 8), K, 8], n: int, bias: float32[N] | None,
+// pack_panels(weight: float32[N, K], out: float32 | int16[ceil(N / 8), K, 8]) -> None; int16 panels hold the
+//     bfloat16 halves (the bits of torch.bfloat16 viewed as int16) and need every weight bf16-exact
+// panel_linear(x: float32[M, K], panels: float32 | int16[ceil(N / 8), K, 8], n: int, bias: float32[N] | None,
 //              out: float32[M, N]) -> None: out = x @ weight.T + bias for the packed weight, GIL released.
-// C-contiguous float32 arrays only (a wrong dtype or layout raises TypeError, nothing is copied); shape, range,
-// writeability and overlap errors raise ValueError naming the argument before anything is written.
+// bf16_exact(weight: float32 array) -> bool: every value's lower 16 bits are zero.
+// C-contiguous arrays of those dtypes only (a wrong dtype or layout raises TypeError, nothing is copied); shape,
+// range, writeability and overlap errors raise ValueError naming the argument before anything is written.
 #include <pybind11/stl.h>
 
 #include <optional>
@@ -26,22 +29,47 @@ std::string panel_dims(py::ssize_t n, py::ssize_t k) {
     return "shape (" + std::to_string(lenvm::panel_count(n)) + ", " + std::to_string(k) + ", 8)";
 }
 
-void pack_panels(const CArray<float>& weight, CArray<float>& out) {
+// Whether `panels` holds bfloat16 halves (int16) rather than float32 values; TypeError for any other array.
+bool bf16_panels(const py::array& panels, const char* name) {
+    const bool bf16 = panels.dtype().is(py::dtype::of<std::int16_t>());
+    if (!(bf16 || panels.dtype().is(py::dtype::of<float>())) || !(panels.flags() & py::array::c_style))
+        throw py::type_error(std::string(name) + ": expected a C-contiguous float32 or int16 (bfloat16 bits) array, "
+                             "got " + py::str(panels.dtype()).cast<std::string>());
+    return bf16;
+}
+
+bool bf16_exact(const CArray<float>& weight) {
+    const float* w = weight.data();
+    const std::int64_t count = weight.size();
+    bool exact = true;
+    without_gil([&] { exact = lenvm::bf16_exact(w, count); });
+    return exact;
+}
+
+void pack_panels(const CArray<float>& weight, py::array out) {
+    const bool bf16 = bf16_panels(out, "out");
     lenvm::check(weight.ndim() == 2, "weight", "a 2-D array [N, K]", shape_of(weight));
     const py::ssize_t n = weight.shape(0), k = weight.shape(1);
     lenvm::check(out.ndim() == 3 && out.shape(0) == lenvm::panel_count(n) && out.shape(1) == k &&
                      out.shape(2) == lenvm::kPanelRows,
                  "out", panel_dims(n, k), shape_of(out));
     lenvm::check(out.writeable(), "out", "a writeable array", "a read-only array");
-    lenvm::check(!overlaps(out.mutable_data(), out.size(), weight.data(), weight.size()), "out",
-                 "memory disjoint from weight", "an overlapping array");
+    lenvm::check(!overlaps(out, weight), "out", "memory disjoint from weight", "an overlapping array");
+    lenvm::check(!bf16 || bf16_exact(weight), "weight", "bfloat16 values (lower 16 bits zero) for int16 panels",
+                 "values with more precision");
     const float* w = weight.data();
-    float* panels = out.mutable_data();
-    without_gil([&] { lenvm::pack_panels(w, n, k, panels); });
+    void* panels = out.mutable_data();
+    without_gil([&] {
+        if (bf16)
+            lenvm::pack_panels_bf16(w, n, k, static_cast<std::uint16_t*>(panels));
+        else
+            lenvm::pack_panels(w, n, k, static_cast<float*>(panels));
+    });
 }
 
-void panel_linear(const CArray<float>& x, const CArray<float>& panels, std::int64_t n,
+void panel_linear(const CArray<float>& x, const py::array& panels, std::int64_t n,
                   const std::optional<CArray<float>>& bias, CArray<float>& out) {
+    const bool bf16 = bf16_panels(panels, "panels");
     lenvm::check(x.ndim() == 2, "x", "a 2-D array [M, K]", shape_of(x));
     const py::ssize_t m = x.shape(0), k = x.shape(1);
     lenvm::check(n >= 0, "n", "a row count >= 0", n);
@@ -53,7 +81,7 @@ void panel_linear(const CArray<float>& x, const CArray<float>& panels, std::int6
     check_linear_out(out, m, n, "shape (" + std::to_string(m) + ", " + std::to_string(n) + ")", x, panels, "panels",
                      bias);
     const float* x_ptr = x.data();
-    const float* panel_ptr = panels.data();
+    const lenvm::Panels panel_ptr{panels.data(), bf16};
     const float* bias_ptr = bias ? bias->data() : nullptr;
     float* out_ptr = out.mutable_data();
     without_gil([&] { lenvm::panel_linear(x_ptr, panel_ptr, bias_ptr, out_ptr, m, n, k, lenvm::default_pool()); });
@@ -63,9 +91,13 @@ void panel_linear(const CArray<float>& x, const CArray<float>& panels, std::int6
 
 void bind_panels(py::module_& m) {
     m.def("pack_panels", &pack_panels, py::arg("weight").noconvert(), py::arg("out").noconvert(),
-          "Write weight [N, K] into `out` as panels of 8 rows [ceil(N / 8), K, 8], zero-padded (float32).");
+          "Write weight [N, K] into `out` as panels of 8 rows [ceil(N / 8), K, 8], zero-padded: float32 values,\n"
+          "or for an int16 `out` the bfloat16 halves of bf16-exact weights.");
     m.def("panel_linear", &panel_linear, py::arg("x").noconvert(), py::arg("panels").noconvert(), py::arg("n"),
           py::arg("bias").noconvert().none(true), py::arg("out").noconvert(),
           "Write x @ weight.T + bias into `out` for a weight [n, K] packed by pack_panels: x [M, K], bias [n] or\n"
-          "None, out [M, n]. out[m, j] is one ordered sum over K (bit-identical for any M and thread count).");
+          "None, out [M, n]. out[m, j] is one ordered sum over K (bit-identical for any M and thread count, and\n"
+          "for float32 and bfloat16 panels of the same bf16-exact weight).");
+    m.def("bf16_exact", &bf16_exact, py::arg("weight").noconvert(),
+          "Whether every value of a float32 array is a bfloat16 value (its lower 16 bits zero).");
 }

@@ -13,10 +13,14 @@
 // is a next group to fetch. One row group (decode, m <= 4) streams at the memory's pace and is left to the
 // hardware prefetcher (software prefetch measured slower there), as are long row-group lists where compute
 // dominates.
+//
+// Storage: every function below is a template over the stored weight type W, float or std::uint16_t (bfloat16
+// halves, widened to float32 by a 16-bit shift before the multiply-add), so both storages run the same sequence.
 #include "panel_linear.h"
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <string>
 #include <utility>
 #include <vector>
@@ -56,27 +60,38 @@ void store_tile(const float* acc, int rows, int panels, const float* bias, float
     }
 }
 
+// The float32 a stored weight stands for.
+inline float widen(float w) { return w; }
+inline float widen(std::uint16_t w) {
+    const std::uint32_t bits = std::uint32_t{w} << 16;
+    float value;
+    std::memcpy(&value, &bits, sizeof(value));
+    return value;
+}
+
 // x values of tile row i at step kk sit at xs[kk * x_step + i] (x_step 1 for one row, 4 for a row group).
+// `panels` points at the tile's first panel, stored as W (the table the function comes from says which).
 // Step kk may prefetch the byte at prefetch + kk * prefetch_step (nullptr: none); it never affects the result.
-using TileFn = void (*)(const float* xs, std::int64_t x_step, const float* panels, std::int64_t k, const float* bias,
+using TileFn = void (*)(const float* xs, std::int64_t x_step, const void* panels, std::int64_t k, const float* bias,
                         float* out, std::int64_t n, std::int64_t col0, const char* prefetch,
                         std::int64_t prefetch_step);
 
 // ---- portable kernel -----------------------------------------------------------------------------------
 
-template <int MR, int NP>
-void tile_portable(const float* xs, std::int64_t x_step, const float* panels, std::int64_t k, const float* bias,
+template <typename W, int MR, int NP>
+void tile_portable(const float* xs, std::int64_t x_step, const void* panel_data, std::int64_t k, const float* bias,
                    float* out, std::int64_t n, std::int64_t col0, const char* /*prefetch*/,
                    std::int64_t /*prefetch_step*/) {
+    const W* panels = static_cast<const W*>(panel_data);
     float acc[MR * NP * kPanelRows] = {};
     for (std::int64_t kk = 0; kk < k; ++kk) {
         for (int i = 0; i < MR; ++i) {
             const float xv = xs[kk * x_step + i];
             for (int p = 0; p < NP; ++p) {
-                const float* w = panels + (p * k + kk) * kPanelRows;
+                const W* w = panels + (p * k + kk) * kPanelRows;
                 float* a = acc + (i * NP + p) * kPanelRows;
                 for (int l = 0; l < kPanelRows; ++l) {
-                    const float product = xv * w[l];
+                    const float product = xv * widen(w[l]);
                     a[l] = a[l] + product;
                 }
             }
@@ -88,10 +103,18 @@ void tile_portable(const float* xs, std::int64_t x_step, const float* panels, st
 // ---- AVX2 + FMA kernel ---------------------------------------------------------------------------------
 
 #if LENVM_HAS_X86
-template <int MR, int NP>
-LENVM_AVX2_FMA void tile_avx2(const float* xs, std::int64_t x_step, const float* panels, std::int64_t k,
+// The 8 float32 weights stored at w.
+LENVM_AVX2_FMA inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
+LENVM_AVX2_FMA inline __m256 load8(const std::uint16_t* w) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+template <typename W, int MR, int NP>
+LENVM_AVX2_FMA void tile_avx2(const float* xs, std::int64_t x_step, const void* panel_data, std::int64_t k,
                               const float* bias, float* out, std::int64_t n, std::int64_t col0, const char* prefetch,
                               std::int64_t prefetch_step) {
+    const W* panels = static_cast<const W*>(panel_data);
     __m256 acc[MR][NP];
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
@@ -102,7 +125,7 @@ LENVM_AVX2_FMA void tile_avx2(const float* xs, std::int64_t x_step, const float*
         if (prefetch != nullptr) _mm_prefetch(prefetch + kk * prefetch_step, _MM_HINT_T1);
         __m256 wv[NP];
 #pragma GCC unroll 16
-        for (int p = 0; p < NP; ++p) wv[p] = _mm256_loadu_ps(panels + (p * k + kk) * kPanelRows);
+        for (int p = 0; p < NP; ++p) wv[p] = load8(panels + (p * k + kk) * kPanelRows);
 #pragma GCC unroll 16
         for (int i = 0; i < MR; ++i) {
             const __m256 xv = _mm256_broadcast_ss(xs + kk * x_step + i);
@@ -120,29 +143,30 @@ LENVM_AVX2_FMA void tile_avx2(const float* xs, std::int64_t x_step, const float*
 }
 #endif
 
-// tiles()[r - 1][p - 1]: r rows by p panels, for r <= kRowGroup and p <= kDecodePanels.
-template <bool kAvx2, int MR, std::size_t... P>
+// tiles<W>()[r - 1][p - 1]: r rows by p panels stored as W, for r <= kRowGroup and p <= kDecodePanels.
+template <typename W, bool kAvx2, int MR, std::size_t... P>
 constexpr std::array<TileFn, sizeof...(P)> tiles_for_rows(std::index_sequence<P...>) {
 #if LENVM_HAS_X86
-    if constexpr (kAvx2) return {{&tile_avx2<MR, static_cast<int>(P) + 1>...}};
+    if constexpr (kAvx2) return {{&tile_avx2<W, MR, static_cast<int>(P) + 1>...}};
 #endif
-    return {{&tile_portable<MR, static_cast<int>(P) + 1>...}};
+    return {{&tile_portable<W, MR, static_cast<int>(P) + 1>...}};
 }
 
-template <bool kAvx2, std::size_t... R>
+template <typename W, bool kAvx2, std::size_t... R>
 constexpr std::array<std::array<TileFn, kDecodePanels>, sizeof...(R)> tile_table(std::index_sequence<R...>) {
-    return {{tiles_for_rows<kAvx2, static_cast<int>(R) + 1>(std::make_index_sequence<kDecodePanels>{})...}};
+    return {{tiles_for_rows<W, kAvx2, static_cast<int>(R) + 1>(std::make_index_sequence<kDecodePanels>{})...}};
 }
 
 using TileTable = std::array<std::array<TileFn, kDecodePanels>, kRowGroup>;
 
+template <typename W>
 const TileTable& tiles() {
     static const TileTable selected = [] {
 #if LENVM_HAS_X86
         if (std::string(linear_kernel_name()) == "avx2_fma")
-            return tile_table<true>(std::make_index_sequence<kRowGroup>{});
+            return tile_table<W, true>(std::make_index_sequence<kRowGroup>{});
 #endif
-        return tile_table<false>(std::make_index_sequence<kRowGroup>{});
+        return tile_table<W, false>(std::make_index_sequence<kRowGroup>{});
     }();
     return selected;
 }
@@ -155,9 +179,10 @@ bool uses_prefetch(std::int64_t m) {
 }
 
 // Panels [p_begin, p_end) for all rows. xs: x itself when m == 1, else the row groups [ceil(m / 4), k, 4].
-void run_panels(const float* xs, const float* panels, const float* bias, float* out, std::int64_t m, std::int64_t n,
+template <typename W>
+void run_panels(const float* xs, const W* panels, const float* bias, float* out, std::int64_t m, std::int64_t n,
                 std::int64_t k, std::int64_t p_begin, std::int64_t p_end) {
-    const TileTable& table = tiles();
+    const TileTable& table = tiles<W>();
     if (m == 1) {
         for (std::int64_t p = p_begin; p < p_end; p += kDecodePanels) {
             const auto np = static_cast<std::size_t>(std::min<std::int64_t>(kDecodePanels, p_end - p));
@@ -172,7 +197,7 @@ void run_panels(const float* xs, const float* panels, const float* bias, float* 
         // Row group g prefetches bytes [g k step, (g + 1) k step) of the next group (within this task's panels),
         // `step` bytes per kk; every address lies inside that group.
         const std::int64_t next_panels = prefetching ? std::min<std::int64_t>(kGemmPanels, p_end - p - np) : 0;
-        const std::int64_t step = next_panels * kPanelRows * std::int64_t{sizeof(float)} / groups;
+        const std::int64_t step = next_panels * kPanelRows * std::int64_t{sizeof(W)} / groups;
         const char* next =
             next_panels > 0 ? reinterpret_cast<const char*>(panels + (p + kGemmPanels) * k * kPanelRows) : nullptr;
         for (std::int64_t i = 0; i < m; i += kRowGroup) {
@@ -184,23 +209,30 @@ void run_panels(const float* xs, const float* panels, const float* bias, float* 
     }
 }
 
-}  // namespace
+// The stored form of a float32 weight: itself, or its upper 16 bits.
+inline float narrow(float w, float) { return w; }
+inline std::uint16_t narrow(float w, std::uint16_t) {
+    std::uint32_t bits;
+    std::memcpy(&bits, &w, sizeof(bits));
+    return static_cast<std::uint16_t>(bits >> 16);
+}
 
-void pack_panels(const float* w, std::int64_t n, std::int64_t k, float* panels) {
+template <typename W>
+void pack(const float* w, std::int64_t n, std::int64_t k, W* panels) {
     for (std::int64_t p = 0; p < panel_count(n); ++p) {
         for (std::int64_t kk = 0; kk < k; ++kk) {
-            float* dst = panels + (p * k + kk) * kPanelRows;
+            W* dst = panels + (p * k + kk) * kPanelRows;
             for (std::int64_t l = 0; l < kPanelRows; ++l) {
                 const std::int64_t row = p * kPanelRows + l;
-                dst[l] = row < n ? w[row * k + kk] : 0.0f;
+                dst[l] = narrow(row < n ? w[row * k + kk] : 0.0f, W{});
             }
         }
     }
 }
 
-void panel_linear(const float* x, const float* panels, const float* bias, float* out, std::int64_t m, std::int64_t n,
-                  std::int64_t k, ThreadPool& pool) {
-    if (m <= 0 || n <= 0) return;
+template <typename W>
+void linear_over(const float* x, const W* panels, const float* bias, float* out, std::int64_t m, std::int64_t n,
+            std::int64_t k, ThreadPool& pool) {
     const float* xs = x;
     thread_local std::vector<float> groups;
     if (m > 1) {  // row groups [ceil(m / 4), k, 4]; a last group's lanes past m are never read
@@ -234,6 +266,32 @@ void panel_linear(const float* x, const float* panels, const float* bias, float*
         const std::int64_t begin = task * per_task;
         run_panels(xs, panels, bias, out, m, n, k, begin, std::min(total, begin + per_task));
     });
+}
+
+}  // namespace
+
+void pack_panels(const float* w, std::int64_t n, std::int64_t k, float* panels) { pack(w, n, k, panels); }
+
+void pack_panels_bf16(const float* w, std::int64_t n, std::int64_t k, std::uint16_t* panels) {
+    pack(w, n, k, panels);
+}
+
+bool bf16_exact(const float* w, std::int64_t count) {
+    for (std::int64_t i = 0; i < count; ++i) {
+        std::uint32_t bits;
+        std::memcpy(&bits, w + i, sizeof(bits));
+        if ((bits & 0xFFFFu) != 0) return false;
+    }
+    return true;
+}
+
+void panel_linear(const float* x, Panels panels, const float* bias, float* out, std::int64_t m, std::int64_t n,
+                  std::int64_t k, ThreadPool& pool) {
+    if (m <= 0 || n <= 0) return;
+    if (panels.bf16)
+        linear_over(x, static_cast<const std::uint16_t*>(panels.data), bias, out, m, n, k, pool);
+    else
+        linear_over(x, static_cast<const float*>(panels.data), bias, out, m, n, k, pool);
 }
 
 }  // namespace lenvm

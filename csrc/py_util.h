@@ -25,23 +25,23 @@ inline std::string shape_of(const py::array& a) {
     return text + "]";
 }
 
-// True when [a, a + a_len) and [b, b + b_len) share an element (empty ranges share nothing).
-inline bool overlaps(const float* a, py::ssize_t a_len, const float* b, py::ssize_t b_len) {
-    const std::less<const float*> before;
-    return a_len > 0 && b_len > 0 && before(a, b + b_len) && before(b, a + a_len);
+// True when the arrays' memory ranges share a byte (empty arrays share nothing).
+inline bool overlaps(const py::array& a, const py::array& b) {
+    const auto* a_begin = static_cast<const char*>(a.data());
+    const auto* b_begin = static_cast<const char*>(b.data());
+    const std::less<const char*> before;
+    return a.nbytes() > 0 && b.nbytes() > 0 && before(a_begin, b_begin + b.nbytes()) &&
+           before(b_begin, a_begin + a.nbytes());
 }
 
 // The output checks of a linear layer's binding: out is [m, n] (`expected_shape` words it for the message),
 // writeable, and shares no memory with x, the weights (named `weights_name` in the message) or the bias.
 inline void check_linear_out(const CArray<float>& out, py::ssize_t m, py::ssize_t n, const std::string& expected_shape,
-                             const CArray<float>& x, const CArray<float>& weights, const char* weights_name,
+                             const CArray<float>& x, const py::array& weights, const char* weights_name,
                              const std::optional<CArray<float>>& bias) {
     lenvm::check(out.ndim() == 2 && out.shape(0) == m && out.shape(1) == n, "out", expected_shape, shape_of(out));
     lenvm::check(out.writeable(), "out", "a writeable array", "a read-only array");
-    const float* out_ptr = out.data();
-    const bool shared = overlaps(out_ptr, out.size(), x.data(), x.size()) ||
-                        overlaps(out_ptr, out.size(), weights.data(), weights.size()) ||
-                        (bias && overlaps(out_ptr, out.size(), bias->data(), bias->size()));
+    const bool shared = overlaps(out, x) || overlaps(out, weights) || (bias && overlaps(out, *bias));
     lenvm::check(!shared, "out", std::string("memory disjoint from x, ") + weights_name + " and bias",
                  "an overlapping array");
 }
@@ -65,5 +65,5 @@ void without_gil(Fn&& fn) {
 
 // Registers lenvm_rt._core.Trunk (csrc/trunk_bindings.cpp).
 void bind_trunk(py::module_& m);
-// Registers lenvm_rt._core.pack_panels and panel_linear (csrc/panel_bindings.cpp).
+// Registers lenvm_rt._core.pack_panels, panel_linear and bf16_exact (csrc/panel_bindings.cpp).
 void bind_panels(py::module_& m);

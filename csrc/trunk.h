@@ -29,6 +29,8 @@
 #include <mutex>
 #include <vector>
 
+#include "panel_linear.h"
+
 namespace lenvm {
 
 struct TrunkShape {
@@ -37,11 +39,18 @@ struct TrunkShape {
 };
 
 // One layer's weights: norms [D], qkv [(H + 2 Hkv) Dh, D], o [D, H Dh], gate_up [2 I, D], down [D, I], the four
-// matrices packed as panels (panel_linear.h);
+// matrices packed as panels (panel_linear.h: float32 or bfloat16 storage, each on its own);
 // biases and the q / k norms [Dh] may be null.
 struct TrunkLayer {
-    const float *input_norm, *qkv, *qkv_bias, *q_norm, *k_norm, *o, *o_bias, *post_norm, *gate_up, *gate_up_bias,
-        *down, *down_bias;
+    const float* input_norm;
+    Panels qkv;
+    const float *qkv_bias, *q_norm, *k_norm;
+    Panels o;
+    const float *o_bias, *post_norm;
+    Panels gate_up;
+    const float* gate_up_bias;
+    Panels down;
+    const float* down_bias;
 };
 
 struct TrunkCache {

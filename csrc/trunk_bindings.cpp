@@ -3,8 +3,8 @@
 // Trunk(layers: int, hidden, heads, kv_heads, head_dim, intermediate, eps: float, scale: float, weights: list)
 //   weights[l] = (input_norm, qkv, qkv_bias, q_norm, k_norm, o, o_bias, post_norm, gate_up, gate_up_bias, down,
 //   down_bias): float32 C-contiguous arrays of the shapes in trunk.h, the four matrices packed as panels
-//   [ceil(N / 8), K, 8] (csrc/panel_linear.h); biases and q_norm / k_norm may be None (both or neither). The
-//   Trunk keeps references to every array it was given.
+//   [ceil(N / 8), K, 8] (csrc/panel_linear.h; float32, or int16 holding bfloat16 halves); biases and q_norm /
+//   k_norm may be None (both or neither). The Trunk keeps references to every array it was given.
 // set_cache(k: list[float32[Bc, Hkv, C, Dh]], v: same, cos: float32[C', Dh], sin: same), C' >= C; clear_cache()
 // decode(x: float32[B, D], positions: int32[B]): positions in [0, C), B <= Bc; x updated in place
 // lookahead(x: float32[B K, D], positions: int32[B], k_new: float32[L, B, Hkv, K, Dh], v_new: same):
@@ -36,17 +36,20 @@ struct Shape2 {
     py::ssize_t rows, cols;  // cols < 0: a 1-D array of `rows`; else a matrix [rows, cols] packed as panels
 };
 
-const float* weight_pointer(const py::handle& value, const std::string& name, Shape2 shape, bool optional,
-                            std::vector<py::object>& keep) {
+// A weight's memory, and whether it is int16 (a matrix's bfloat16 panels; vectors are float32 only).
+lenvm::Panels weight_pointer(const py::handle& value, const std::string& name, Shape2 shape, bool optional,
+                             std::vector<py::object>& keep) {
     if (value.is_none()) {
         lenvm::check(optional, name.c_str(), "an array", "None");
-        return nullptr;
+        return {nullptr, false};
     }
     lenvm::check(py::isinstance<py::array>(value), name.c_str(), "a float32 numpy array",
                  py::str(py::type::of(value)).cast<std::string>());
     const auto array = py::reinterpret_borrow<py::array>(value);
-    lenvm::check(array.dtype().is(py::dtype::of<float>()) && (array.flags() & py::array::c_style), name.c_str(),
-                 "a C-contiguous float32 array", py::str(array.dtype()).cast<std::string>());
+    const bool bf16 = shape.cols >= 0 && array.dtype().is(py::dtype::of<std::int16_t>());
+    lenvm::check((bf16 || array.dtype().is(py::dtype::of<float>())) && (array.flags() & py::array::c_style),
+                 name.c_str(), shape.cols < 0 ? "a C-contiguous float32 array" : "C-contiguous float32 or int16 panels",
+                 py::str(array.dtype()).cast<std::string>());
     const py::ssize_t panels = lenvm::panel_count(shape.rows);
     const bool ok = shape.cols < 0 ? array.ndim() == 1 && array.shape(0) == shape.rows
                                    : array.ndim() == 3 && array.shape(0) == panels && array.shape(1) == shape.cols &&
@@ -56,7 +59,7 @@ const float* weight_pointer(const py::handle& value, const std::string& name, Sh
                                                       std::to_string(shape.cols) + ", 8)";
     lenvm::check(ok, name.c_str(), expected, py::str(array.attr("shape")).cast<std::string>());
     keep.push_back(py::reinterpret_borrow<py::object>(value));
-    return static_cast<const float*>(array.data());
+    return {array.data(), bf16};
 }
 
 class PyTrunk {
@@ -152,13 +155,15 @@ private:
             lenvm::check(py::isinstance<py::tuple>(item) && py::len(item) == kFieldCount, "weights",
                          "tuples of 12 arrays (or None)", py::str(py::type::of(item)).cast<std::string>());
             const auto fields = py::reinterpret_borrow<py::tuple>(item);
-            const float* p[kFieldCount];
+            lenvm::Panels p[kFieldCount];
             for (std::size_t f = 0; f < kFieldCount; ++f)
                 p[f] = weight_pointer(fields[f], "weights[" + std::to_string(l) + "]." + kFields[f], shapes[f],
                                       optional[f], keep);
-            lenvm::check((p[3] == nullptr) == (p[4] == nullptr), "weights", "q_norm and k_norm both or neither",
-                         "one of them");
-            layers.push_back({p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11]});
+            lenvm::check((p[3].data == nullptr) == (p[4].data == nullptr), "weights",
+                         "q_norm and k_norm both or neither", "one of them");
+            const auto vec = [&](std::size_t f) { return static_cast<const float*>(p[f].data); };
+            layers.push_back({vec(0), p[1], vec(2), vec(3), vec(4), p[5], vec(6), vec(7), p[8], vec(9), p[10],
+                              vec(11)});
         }
         return lenvm::Trunk(s, std::move(layers));
     }

@@ -7,11 +7,14 @@ Contract:
         and thread count. The tensors are viewed as numpy arrays (no copy; read-only memory-mapped weights
         are fine); the result is a new tensor. No autograd: inputs that require grad are refused while grad
         mode is on and detached otherwise. Bad inputs raise ValueError naming the argument.
-    pack_panels(weight: float32[N, K]) -> PanelWeight; panel_linear(x[..., K], PanelWeight, bias[N] | None)
-        -> float32[..., N]: the same product over a copy of the weight in panels of 8 rows (csrc/panel_linear.h),
-        which streams from memory in long runs (a decode step's matrices 1.19x faster than `linear` here,
-        benchmarks/results/bench_linear.json); out[..., j] is one ordered sum over K, again the same bits for a
-        row whatever the batch. Bad inputs raise ValueError naming the argument (IndexError for rows_at).
+    pack_panels(weight: float32[N, K], storage="auto") -> PanelWeight; panel_linear(x[..., K], PanelWeight,
+        bias[N] | None) -> float32[..., N]: the same product over a copy of the weight in panels of 8 rows
+        (csrc/panel_linear.h), which streams from memory in long runs (a decode step's matrices 1.19x faster than
+        `linear` here, benchmarks/results/bench_linear.json); out[..., j] is one ordered sum over K, again the
+        same bits for a row whatever the batch. Storage "auto" keeps the panels in bfloat16 when every weight is
+        a bfloat16 value (a checkpoint stored in bfloat16, loaded as float32): half the bytes, the same float32
+        weights and results bit for bit. Bad inputs raise ValueError naming the argument (IndexError for
+        rows_at).
     value_head(x[R, D], norm, eps, w1[H, D], b1[H], w2[H], b2) -> z[R]: the LenVM head in one native call.
     set_num_threads(n) / get_num_threads(): threads of the native pool, calling thread included.
     Trunk(cfg, layers, scale): every decoder layer of a decode step or a lookahead in one native call (csrc/trunk.h),
@@ -86,7 +89,9 @@ def _diagnose(x: object, weight: object, bias: object) -> None:
 
 @dataclass(frozen=True)
 class PanelWeight:
-    """A weight matrix [rows, K] packed for panel_linear: panels float32 [ceil(rows / 8), K, 8]."""
+    """A float32 weight matrix [rows, K] packed for panel_linear: panels [ceil(rows / 8), K, 8] stored as float32,
+    or as bfloat16 when every weight is a bfloat16 value (`storage`); either way it stands for the same float32
+    matrix (`dtype`), which rows_at and unpacked return."""
 
     panels: torch.Tensor
     rows: int
@@ -97,34 +102,58 @@ class PanelWeight:
 
     @property
     def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def storage(self) -> torch.dtype:
         return self.panels.dtype
 
     def numel(self) -> int:
         return self.rows * self.panels.shape[1]
 
     def element_size(self) -> int:
+        """Bytes per stored weight (4 for float32 panels, 2 for bfloat16)."""
         return self.panels.element_size()
 
+    def native(self) -> np.ndarray:
+        """The panels as the core reads them: float32, or int16 holding the bfloat16 bits."""
+        if self.panels.dtype == torch.bfloat16:
+            return self.panels.view(torch.int16).numpy()
+        return self.panels.numpy()
+
     def rows_at(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows ids[...] of the matrix -> [..., K], as torch.nn.functional.embedding would give (a tied embedding)."""
+        """Rows ids[...] of the matrix -> float32 [..., K], as torch.nn.functional.embedding would give (a tied
+        embedding)."""
         if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < self.rows:
             raise IndexError(f"ids: expected row indices in [0, {self.rows}), got {int(ids.min())}..{int(ids.max())}")
-        return self.panels[ids // 8, :, ids % 8]
+        return self.panels[ids // 8, :, ids % 8].float()
 
     def unpacked(self) -> torch.Tensor:
-        """A new [rows, K] tensor with the original layout."""
-        return self.panels.permute(0, 2, 1).reshape(-1, self.panels.shape[1])[: self.rows].contiguous()
+        """A new float32 [rows, K] tensor with the original layout."""
+        return self.panels.permute(0, 2, 1).reshape(-1, self.panels.shape[1])[: self.rows].float().contiguous()
 
 
-def pack_panels(weight: torch.Tensor) -> PanelWeight:
-    """Copy a float32 CPU weight [N, K] into panels of 8 rows (zero-padded) for panel_linear."""
+STORAGES = ("auto", "float32", "bfloat16")
+
+
+def pack_panels(weight: torch.Tensor, storage: str = "auto") -> PanelWeight:
+    """Copy a float32 CPU weight [N, K] into panels of 8 rows (zero-padded) for panel_linear.
+
+    storage: "float32", "bfloat16" (every weight must be a bfloat16 value: ValueError otherwise), or "auto"
+    (bfloat16 exactly when every weight is one).
+    """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-D torch.Tensor, got {getattr(weight, 'shape', type(weight).__name__)}")
+    if storage not in STORAGES:
+        raise ValueError(f"storage: expected one of {', '.join(STORAGES)}, got {storage!r}")
     _diagnose(torch.empty(0, weight.shape[1]), weight, None)
     n, k = weight.shape
-    panels = np.empty(((n + 7) // 8, k, 8), dtype=np.float32)
-    _native.pack_panels(weight.detach().numpy(), panels)
-    return PanelWeight(torch.from_numpy(panels), n)
+    values = weight.detach().numpy()
+    bf16 = storage == "bfloat16" or (storage == "auto" and weight.numel() > 0 and _native.bf16_exact(values))
+    panels = torch.empty(((n + 7) // 8, k, 8), dtype=torch.bfloat16 if bf16 else torch.float32)
+    packed = PanelWeight(panels, n)
+    _native.pack_panels(values, packed.native())
+    return packed
 
 
 def panel_linear(x: torch.Tensor, weight: PanelWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -132,7 +161,7 @@ def panel_linear(x: torch.Tensor, weight: PanelWeight, bias: torch.Tensor | None
     try:
         rows = x.numpy().reshape(math.prod(x.shape[:-1]), x.shape[-1])
         out = np.empty((rows.shape[0], weight.rows), dtype=np.float32)
-        _native.panel_linear(rows, weight.panels.numpy(), weight.rows, None if bias is None else bias.numpy(), out)
+        _native.panel_linear(rows, weight.native(), weight.rows, None if bias is None else bias.numpy(), out)
     except (TypeError, RuntimeError, ValueError, IndexError, AttributeError):
         if not isinstance(weight, PanelWeight):
             raise ValueError(f"weight: expected a PanelWeight (pack_panels), got {type(weight).__name__}") from None
@@ -215,7 +244,7 @@ def rope_lookahead_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Te
 def _trunk_array(value: torch.Tensor | PanelWeight | None) -> np.ndarray | None:
     if value is None:
         return None
-    return value.panels.numpy() if isinstance(value, PanelWeight) else value.numpy()
+    return value.native() if isinstance(value, PanelWeight) else value.numpy()
 
 
 class Trunk:

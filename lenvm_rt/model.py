@@ -73,15 +73,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _packed(weights: ModelWeights) -> ModelWeights:
+def _packed(weights: ModelWeights, storage: str) -> ModelWeights:
     """CPU fp32: every layer matrix and the LM head as panels (cpu_ops.PanelWeight), which the native kernels
     stream faster than the plain layout; a tied embedding becomes the packed head, read row by row. Nothing is
-    kept twice: the returned weights share no matrix with the argument."""
-    layers = [replace(layer, **{name: cpu_ops.pack_panels(getattr(layer, name)) for name in _MATRICES})
-              for layer in weights.layers]
+    kept twice: the returned weights share no matrix with the argument. `storage` as cpu_ops.pack_panels: "auto"
+    keeps the matrices of a bfloat16 checkpoint in bfloat16 (half the bytes, the same results)."""
+    def pack(matrix: torch.Tensor) -> cpu_ops.PanelWeight:
+        return cpu_ops.pack_panels(matrix, storage)
+
+    layers = [replace(layer, **{name: pack(getattr(layer, name)) for name in _MATRICES}) for layer in weights.layers]
     if not weights.lm_head.numel():  # a separate LenVM backbone never runs an LM head
         return replace(weights, layers=layers)
-    head = cpu_ops.pack_panels(weights.lm_head)
+    head = pack(weights.lm_head)
     embed = head if weights.lm_head is weights.embed else weights.embed
     return replace(weights, layers=layers, lm_head=head, embed=embed)
 
@@ -89,14 +92,16 @@ def _packed(weights: ModelWeights) -> ModelWeights:
 class CausalLM:
     """Inference-only decoder over ModelWeights; call under torch.inference_mode()."""
 
-    def __init__(self, cfg: ModelConfig, weights: ModelWeights) -> None:
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, *, panel_storage: str = "auto") -> None:
+        """panel_storage: how a CPU fp32 model stores its packed matrices ("auto", "float32", "bfloat16"; see
+        cpu_ops.pack_panels); the results do not depend on it."""
         self.cfg = cfg
         self.device = weights.embed.device
         self.dtype = weights.final_norm.dtype
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self._native_linear = self.device.type == "cpu" and self.dtype == torch.float32
         if self._native_linear:
-            weights = _packed(weights)
+            weights = _packed(weights, panel_storage)
         self.w = weights
         self.k_cache: list[torch.Tensor] = []  # per layer [Bcap, Hkv, C, Dh]
         self.v_cache: list[torch.Tensor] = []
