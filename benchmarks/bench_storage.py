@@ -1,18 +1,19 @@
-"""Benchmark: float32 vs bfloat16 panel storage of a bfloat16 checkpoint on the CPU (the same results, half the bytes).
+"""Benchmark: float32 vs 16-bit panel storage of a bfloat16 or float16 checkpoint on the CPU (the same results, half
+the bytes).
 
-A model with a real architecture's shapes (Qwen2.5-0.5B and SmolLM2-135M by default, Qwen2.5-1.5B on request) and
-random weights rounded to bfloat16, which is what loading a bfloat16 checkpoint as float32 gives, is built twice:
-`CausalLM(panel_storage="float32")` and the default "auto" (bfloat16 panels). In one run, alternating the two
+A model with a real architecture's shapes (SmolLM2-135M and Qwen2.5-0.5B by default, Qwen2.5-1.5B on request) and
+random weights rounded to the checkpoint dtype, which is what loading such a checkpoint as float32 gives, is built
+twice: `CausalLM(panel_storage="float32")` and the default "auto" (16-bit panels). In one run, alternating the two
 models step by step after warm-up steps: a decode step of one row with its logits (the LM head included) and a
 lookahead of 15 candidates, both at a 64-token context. The weights are far larger than the caches, so each step
 streams them from memory.
 
 Prints a table and writes a JSON record (lenvm_rt.bench.report: machine, versions, timestamp, config; default
-benchmarks/results/bench_storage.json): per architecture the packed matrices' GB in each storage, median / p90 /
-min ms per step, the bfloat16 median over the float32 one, and whether the two gave the same logits and lookahead
-states bit for bit.
+benchmarks/results/bench_storage.json): per architecture and checkpoint dtype the packed matrices' GB in each
+storage, median / p90 / min ms per step, the 16-bit median over the float32 one, and whether the two gave the same
+logits and lookahead states bit for bit.
 
-    python benchmarks/bench_storage.py --threads 2 --repeats 20
+    python benchmarks/bench_storage.py --threads 2 --repeats 15 --arch smollm2-135m qwen2.5-0.5b qwen2.5-1.5b
 """
 
 from __future__ import annotations
@@ -47,12 +48,12 @@ CONTEXT, CANDIDATES = 64, 15
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_storage.json"
 
 
-def random_weights(cfg: ModelConfig, seed: int) -> ModelWeights:
-    """Random float32 weights whose every value is a bfloat16 value (a bfloat16 checkpoint loaded as float32)."""
+def random_weights(cfg: ModelConfig, dtype: torch.dtype, seed: int) -> ModelWeights:
+    """Random float32 weights whose every value is a `dtype` value (a checkpoint in that dtype loaded as float32)."""
     generator = torch.Generator().manual_seed(seed)
 
     def matrix(*shape: int) -> torch.Tensor:
-        return (torch.randn(shape, generator=generator) * 0.02).bfloat16().float()
+        return (torch.randn(shape, generator=generator) * 0.02).to(dtype).float()
 
     D, inner, dh = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     qkv_rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * dh
@@ -70,10 +71,11 @@ def panel_gb(model: CausalLM) -> float:
     return sum(m.panels.nbytes for m in model.w.matrices()) / 1e9
 
 
-def bench_arch(name: str, repeats: int, warmup: int) -> dict[str, object]:
+def bench_arch(name: str, dtype: str, repeats: int, warmup: int) -> dict[str, object]:
     cfg = ModelConfig.from_hf(ARCHS[name])
-    weights = random_weights(cfg, seed=0)
-    models = {"float32": CausalLM(cfg, weights, panel_storage="float32"), "bfloat16": CausalLM(cfg, weights)}
+    weights = random_weights(cfg, getattr(torch, dtype), seed=0)
+    models = {"float32": CausalLM(cfg, weights, panel_storage="float32"), "half": CausalLM(cfg, weights)}
+    assert models["half"].w.lm_head.storage == getattr(torch, dtype)
     del weights
     generator = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, cfg.vocab_size, (1, CONTEXT), generator=generator)
@@ -98,17 +100,19 @@ def bench_arch(name: str, repeats: int, warmup: int) -> dict[str, object]:
                     times[storage]["decode"].append(middle - start)
                     times[storage]["lookahead"].append(end - middle)
                 outputs[storage] = (logits, look)
-    same = all(torch.equal(a, b) for a, b in zip(outputs["float32"], outputs["bfloat16"]))
+    same = all(torch.equal(a, b) for a, b in zip(outputs["float32"], outputs["half"]))
     result: dict[str, object] = {"panel_gb": {s: panel_gb(m) for s, m in models.items()}, "same_bits": same}
     for kind in ("decode", "lookahead"):
         stats = {s: stats_ms(times[s][kind]) for s in models}
-        result[kind] = {"ms": stats, "bf16_over_fp32": stats["bfloat16"]["median"] / stats["float32"]["median"]}
+        result[kind] = {"ms": stats, "half_over_fp32": stats["half"]["median"] / stats["float32"]["median"]}
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", nargs="+", default=["smollm2-135m", "qwen2.5-0.5b"], choices=sorted(ARCHS))
+    parser.add_argument("--dtype", nargs="+", default=["bfloat16", "float16"], choices=["bfloat16", "float16"],
+                        help="checkpoint dtypes (the 16-bit storage follows)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
@@ -117,17 +121,20 @@ def main() -> None:
     cpu_ops.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     config = {"threads": args.threads, "repeats": args.repeats, "warmup": args.warmup, "context": CONTEXT,
-              "candidates": CANDIDATES, "archs": {a: ARCHS[a] for a in args.arch}}
+              "candidates": CANDIDATES, "archs": {a: ARCHS[a] for a in args.arch}, "dtypes": args.dtype}
     results = {}
-    print(f"{'arch':>13} {'step':>9} {'fp32 ms':>8} {'bf16 ms':>8} {'bf16/fp32':>9} {'GB fp32':>8} {'GB bf16':>8} same")
+    print(f"{'arch':>13} {'dtype':>8} {'step':>9} {'fp32 ms':>8} {'16-bit ms':>9} {'ratio':>6} {'GB fp32':>8} "
+          f"{'GB 16-bit':>9} same")
     for name in args.arch:
-        result = bench_arch(name, args.repeats, args.warmup)
-        results[name] = result
-        gb = result["panel_gb"]
-        for kind in ("decode", "lookahead"):
-            r = result[kind]
-            print(f"{name:>13} {kind:>9} {r['ms']['float32']['median']:8.2f} {r['ms']['bfloat16']['median']:8.2f} "
-                  f"{r['bf16_over_fp32']:9.2f} {gb['float32']:8.2f} {gb['bfloat16']:8.2f} {result['same_bits']}")
+        for dtype in args.dtype:
+            result = bench_arch(name, dtype, args.repeats, args.warmup)
+            results[f"{name}/{dtype}"] = result
+            gb = result["panel_gb"]
+            for kind in ("decode", "lookahead"):
+                r = result[kind]
+                print(f"{name:>13} {dtype:>8} {kind:>9} {r['ms']['float32']['median']:8.2f} "
+                      f"{r['ms']['half']['median']:9.2f} {r['half_over_fp32']:6.2f} {gb['float32']:8.2f} "
+                      f"{gb['half']:9.2f} {result['same_bits']}")
     write_record(args.out, "storage", config, results)
     print(f"wrote {args.out}")
 

@@ -14,8 +14,9 @@
 // hardware prefetcher (software prefetch measured slower there), as are long row-group lists where compute
 // dominates.
 //
-// Storage: every function below is a template over the stored weight type W, float or std::uint16_t (bfloat16
-// halves, widened to float32 by a 16-bit shift before the multiply-add), so both storages run the same sequence.
+// Storage: every function below is a template over the stored weight type W: float, Bf16 (the upper half of a
+// float32, widened by a 16-bit shift) or F16 (IEEE half precision, widened by F16C's conversion or its exact
+// software twin), so every storage runs the same multiply-add sequence on the same float32 values.
 #include "panel_linear.h"
 
 #include <algorithm>
@@ -61,12 +62,37 @@ void store_tile(const float* acc, int rows, int panels, const float* bias, float
 }
 
 // The float32 a stored weight stands for.
-inline float widen(float w) { return w; }
-inline float widen(std::uint16_t w) {
-    const std::uint32_t bits = std::uint32_t{w} << 16;
+struct Bf16 {
+    std::uint16_t bits;
+};
+struct F16 {
+    std::uint16_t bits;
+};
+static_assert(sizeof(Bf16) == 2 && sizeof(F16) == 2, "16-bit storages");
+
+inline float from_bits(std::uint32_t bits) {
     float value;
     std::memcpy(&value, &bits, sizeof(value));
     return value;
+}
+
+inline std::uint32_t to_bits(float value) {
+    std::uint32_t bits;
+    std::memcpy(&bits, &value, sizeof(bits));
+    return bits;
+}
+
+inline float widen(float w) { return w; }
+inline float widen(Bf16 w) { return from_bits(std::uint32_t{w.bits} << 16); }
+inline float widen(F16 w) {
+    const std::uint32_t sign = std::uint32_t{w.bits & 0x8000u} << 16, exponent = (w.bits >> 10) & 0x1Fu,
+                        mantissa = w.bits & 0x3FFu;
+    if (exponent == 0) {  // zero or subnormal: mantissa 2^-24, exact in float32
+        const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
+        return from_bits(sign | to_bits(magnitude));
+    }
+    if (exponent == 31) return from_bits(sign | 0x7F800000u | (mantissa << 13));  // inf / NaN
+    return from_bits(sign | ((exponent + 112) << 23) | (mantissa << 13));
 }
 
 // x values of tile row i at step kk sit at xs[kk * x_step + i] (x_step 1 for one row, 4 for a row group).
@@ -105,9 +131,12 @@ void tile_portable(const float* xs, std::int64_t x_step, const void* panel_data,
 #if LENVM_HAS_X86
 // The 8 float32 weights stored at w.
 LENVM_AVX2_FMA inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
-LENVM_AVX2_FMA inline __m256 load8(const std::uint16_t* w) {
+LENVM_AVX2_FMA inline __m256 load8(const Bf16* w) {
     const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+LENVM_AVX2_FMA inline __m256 load8(const F16* w) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
 }
 
 template <typename W, int MR, int NP>
@@ -209,12 +238,29 @@ void run_panels(const float* xs, const W* panels, const float* bias, float* out,
     }
 }
 
-// The stored form of a float32 weight: itself, or its upper 16 bits.
+// The stored form of a float32 weight, exact for a value of that storage (lower bits are dropped otherwise).
 inline float narrow(float w, float) { return w; }
-inline std::uint16_t narrow(float w, std::uint16_t) {
-    std::uint32_t bits;
-    std::memcpy(&bits, &w, sizeof(bits));
-    return static_cast<std::uint16_t>(bits >> 16);
+inline Bf16 narrow(float w, Bf16) { return {static_cast<std::uint16_t>(to_bits(w) >> 16)}; }
+inline F16 narrow(float w, F16) {
+    const std::uint32_t bits = to_bits(w), exponent = (bits >> 23) & 0xFFu, mantissa = bits & 0x7FFFFFu;
+    const auto sign = static_cast<std::uint16_t>((bits >> 16) & 0x8000u);
+    if (exponent == 0xFF) return {static_cast<std::uint16_t>(sign | 0x7C00u | (mantissa != 0 ? 0x200u : 0u))};
+    const std::int32_t half_exponent = static_cast<std::int32_t>(exponent) - 112;
+    if (exponent == 0 || half_exponent < -10) return {sign};  // below half the smallest subnormal
+    if (half_exponent >= 31) return {static_cast<std::uint16_t>(sign | 0x7C00u)};
+    if (half_exponent >= 1)
+        return {static_cast<std::uint16_t>(sign | (static_cast<std::uint32_t>(half_exponent) << 10) |
+                                           (mantissa >> 13))};
+    // a subnormal half m 2^-24: m is the 24-bit significand shifted right by 14 - half_exponent
+    const std::uint32_t shift = static_cast<std::uint32_t>(14 - half_exponent);
+    return {static_cast<std::uint16_t>(sign | ((0x800000u | mantissa) >> shift))};
+}
+
+template <typename W>
+bool exact_in(const float* w, std::int64_t count) {
+    for (std::int64_t i = 0; i < count; ++i)
+        if (to_bits(widen(narrow(w[i], W{}))) != to_bits(w[i])) return false;
+    return true;
 }
 
 template <typename W>
@@ -232,7 +278,7 @@ void pack(const float* w, std::int64_t n, std::int64_t k, W* panels) {
 
 template <typename W>
 void linear_over(const float* x, const W* panels, const float* bias, float* out, std::int64_t m, std::int64_t n,
-            std::int64_t k, ThreadPool& pool) {
+                 std::int64_t k, ThreadPool& pool) {
     const float* xs = x;
     thread_local std::vector<float> groups;
     if (m > 1) {  // row groups [ceil(m / 4), k, 4]; a last group's lanes past m are never read
@@ -270,17 +316,19 @@ void linear_over(const float* x, const W* panels, const float* bias, float* out,
 
 }  // namespace
 
-void pack_panels(const float* w, std::int64_t n, std::int64_t k, float* panels) { pack(w, n, k, panels); }
-
-void pack_panels_bf16(const float* w, std::int64_t n, std::int64_t k, std::uint16_t* panels) {
-    pack(w, n, k, panels);
+void pack_panels(const float* w, std::int64_t n, std::int64_t k, Storage storage, void* panels) {
+    switch (storage) {
+        case Storage::f32: pack(w, n, k, static_cast<float*>(panels)); break;
+        case Storage::bf16: pack(w, n, k, static_cast<Bf16*>(panels)); break;
+        case Storage::f16: pack(w, n, k, static_cast<F16*>(panels)); break;
+    }
 }
 
-bool bf16_exact(const float* w, std::int64_t count) {
-    for (std::int64_t i = 0; i < count; ++i) {
-        std::uint32_t bits;
-        std::memcpy(&bits, w + i, sizeof(bits));
-        if ((bits & 0xFFFFu) != 0) return false;
+bool storage_exact(const float* w, std::int64_t count, Storage storage) {
+    switch (storage) {
+        case Storage::bf16: return exact_in<Bf16>(w, count);
+        case Storage::f16: return exact_in<F16>(w, count);
+        case Storage::f32: break;
     }
     return true;
 }
@@ -288,10 +336,11 @@ bool bf16_exact(const float* w, std::int64_t count) {
 void panel_linear(const float* x, Panels panels, const float* bias, float* out, std::int64_t m, std::int64_t n,
                   std::int64_t k, ThreadPool& pool) {
     if (m <= 0 || n <= 0) return;
-    if (panels.bf16)
-        linear_over(x, static_cast<const std::uint16_t*>(panels.data), bias, out, m, n, k, pool);
-    else
-        linear_over(x, static_cast<const float*>(panels.data), bias, out, m, n, k, pool);
+    switch (panels.storage) {
+        case Storage::f32: linear_over(x, static_cast<const float*>(panels.data), bias, out, m, n, k, pool); break;
+        case Storage::bf16: linear_over(x, static_cast<const Bf16*>(panels.data), bias, out, m, n, k, pool); break;
+        case Storage::f16: linear_over(x, static_cast<const F16*>(panels.data), bias, out, m, n, k, pool); break;
+    }
 }
 
 }  // namespace lenvm

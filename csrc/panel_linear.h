@@ -14,9 +14,10 @@
 // The AVX2 + FMA kernel fuses each multiply-add; the portable one rounds the product and the sum apart. The
 // kernel follows linear.h's choice (LENVM_RT_LINEAR_KERNEL).
 //
-// Storage: panels hold float32 values, or bfloat16 ones when every weight is a bfloat16 value (its lower 16 bits
-// zero, as a float32 loaded from a bfloat16 checkpoint is): each 16-bit value is the upper half of the float32
-// and is widened back exactly, so the results are those of the float32 panels, bit for bit, at half the bytes.
+// Storage: panels hold float32 values, or 16-bit ones when every weight is exactly a bfloat16 value (its lower
+// 16 bits zero, as a float32 loaded from a bfloat16 checkpoint is) or a float16 value (a float16 checkpoint).
+// Each 16-bit value is widened back to its float32 exactly before the multiply-add, so the results are those of
+// the float32 panels, bit for bit, at half the bytes.
 #pragma once
 
 #include <cstdint>
@@ -29,18 +30,19 @@ constexpr std::int64_t kPanelRows = 8;
 
 inline std::int64_t panel_count(std::int64_t n) { return (n + kPanelRows - 1) / kPanelRows; }
 
-// Packed weights: float32 panels (bf16 false) or the bfloat16 halves of bf16-exact float32 weights (bf16 true).
+enum class Storage : std::uint8_t { f32, bf16, f16 };
+
+// Packed weights: float32 panels, or the bfloat16 / float16 bits of weights that are exactly such values.
 struct Panels {
     const void* data;
-    bool bf16;
+    Storage storage;
 };
 
-// panels [panel_count(n), k, 8] from w [n, k].
-void pack_panels(const float* w, std::int64_t n, std::int64_t k, float* panels);
-// The same layout in bfloat16 halves; every w value must be bf16-exact (bf16_exact), or its lower half is lost.
-void pack_panels_bf16(const float* w, std::int64_t n, std::int64_t k, std::uint16_t* panels);
-// Whether each of the `count` values is a bfloat16 value (lower 16 bits zero).
-bool bf16_exact(const float* w, std::int64_t count);
+// panels [panel_count(n), k, 8] from w [n, k], stored as `storage` (a 16-bit storage: panels of std::uint16_t
+// bits). Every w value must be exact in that storage (storage_exact), or it is rounded.
+void pack_panels(const float* w, std::int64_t n, std::int64_t k, Storage storage, void* panels);
+// Whether each of the `count` values is exactly a value of `storage`.
+bool storage_exact(const float* w, std::int64_t count, Storage storage);
 
 void panel_linear(const float* x, Panels panels, const float* bias, float* out, std::int64_t m, std::int64_t n,
                   std::int64_t k, ThreadPool& pool);

@@ -65,5 +65,5 @@ void without_gil(Fn&& fn) {
 
 // Registers lenvm_rt._core.Trunk (csrc/trunk_bindings.cpp).
 void bind_trunk(py::module_& m);
-// Registers lenvm_rt._core.pack_panels, panel_linear and bf16_exact (csrc/panel_bindings.cpp).
+// Registers lenvm_rt._core.pack_panels, panel_linear and storage_exact (csrc/panel_bindings.cpp).
 void bind_panels(py::module_& m);

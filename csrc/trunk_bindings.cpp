@@ -3,7 +3,7 @@
 // Trunk(layers: int, hidden, heads, kv_heads, head_dim, intermediate, eps: float, scale: float, weights: list)
 //   weights[l] = (input_norm, qkv, qkv_bias, q_norm, k_norm, o, o_bias, post_norm, gate_up, gate_up_bias, down,
 //   down_bias): float32 C-contiguous arrays of the shapes in trunk.h, the four matrices packed as panels
-//   [ceil(N / 8), K, 8] (csrc/panel_linear.h; float32, or int16 holding bfloat16 halves); biases and q_norm /
+//   [ceil(N / 8), K, 8] (csrc/panel_linear.h; float32, int16 bfloat16 bits or float16); biases and q_norm /
 //   k_norm may be None (both or neither). The Trunk keeps references to every array it was given.
 // set_cache(k: list[float32[Bc, Hkv, C, Dh]], v: same, cos: float32[C', Dh], sin: same), C' >= C; clear_cache()
 // decode(x: float32[B, D], positions: int32[B]): positions in [0, C), B <= Bc; x updated in place
@@ -36,19 +36,23 @@ struct Shape2 {
     py::ssize_t rows, cols;  // cols < 0: a 1-D array of `rows`; else a matrix [rows, cols] packed as panels
 };
 
-// A weight's memory, and whether it is int16 (a matrix's bfloat16 panels; vectors are float32 only).
+// A weight's memory and storage (a matrix's panels: float32, int16 bfloat16 bits or float16; vectors float32).
 lenvm::Panels weight_pointer(const py::handle& value, const std::string& name, Shape2 shape, bool optional,
                              std::vector<py::object>& keep) {
     if (value.is_none()) {
         lenvm::check(optional, name.c_str(), "an array", "None");
-        return {nullptr, false};
+        return {nullptr, lenvm::Storage::f32};
     }
     lenvm::check(py::isinstance<py::array>(value), name.c_str(), "a float32 numpy array",
                  py::str(py::type::of(value)).cast<std::string>());
     const auto array = py::reinterpret_borrow<py::array>(value);
-    const bool bf16 = shape.cols >= 0 && array.dtype().is(py::dtype::of<std::int16_t>());
-    lenvm::check((bf16 || array.dtype().is(py::dtype::of<float>())) && (array.flags() & py::array::c_style),
-                 name.c_str(), shape.cols < 0 ? "a C-contiguous float32 array" : "C-contiguous float32 or int16 panels",
+    lenvm::Storage storage = lenvm::Storage::f32;
+    if (shape.cols >= 0 && array.dtype().is(py::dtype::of<std::int16_t>())) storage = lenvm::Storage::bf16;
+    if (shape.cols >= 0 && array.dtype().is(py::dtype("float16"))) storage = lenvm::Storage::f16;
+    lenvm::check((storage != lenvm::Storage::f32 || array.dtype().is(py::dtype::of<float>())) &&
+                     (array.flags() & py::array::c_style),
+                 name.c_str(),
+                 shape.cols < 0 ? "a C-contiguous float32 array" : "C-contiguous float32, int16 or float16 panels",
                  py::str(array.dtype()).cast<std::string>());
     const py::ssize_t panels = lenvm::panel_count(shape.rows);
     const bool ok = shape.cols < 0 ? array.ndim() == 1 && array.shape(0) == shape.rows
@@ -59,7 +63,7 @@ lenvm::Panels weight_pointer(const py::handle& value, const std::string& name, S
                                                       std::to_string(shape.cols) + ", 8)";
     lenvm::check(ok, name.c_str(), expected, py::str(array.attr("shape")).cast<std::string>());
     keep.push_back(py::reinterpret_borrow<py::object>(value));
-    return {array.data(), bf16};
+    return {array.data(), storage};
 }
 
 class PyTrunk {

@@ -9,10 +9,10 @@ Contract:
     set_num_threads(n) / get_num_threads(): threads of the native pool (calling thread included), n in
         [1, 1024]; the default is LENVM_RT_NUM_THREADS, else min(cores, 8).
     linear_kernel() -> "avx2_fma" | "scalar": the kernel `linear` uses in this process.
-    pack_panels(weight: float32[N, K], out: float32 | int16[ceil(N / 8), K, 8]) / panel_linear(x, panels, n, bias,
-        out): the same product over a weight packed in panels of 8 rows (csrc/panel_linear.h), stored as float32 or
-        as the bfloat16 halves of a bf16-exact weight (bf16_exact(weight)): out[m, j] is one ordered sum over K,
-        again bit-identical for any M and thread count, and for either storage.
+    pack_panels(weight: float32[N, K], out: float32 | int16 | float16 [ceil(N / 8), K, 8]) / panel_linear(x, panels,
+        n, bias, out): the same product over a weight packed in panels of 8 rows (csrc/panel_linear.h), stored as
+        float32, as bfloat16 bits (int16) or as float16 when every weight is exact there (storage_exact): out[m, j]
+        is one ordered sum over K, again bit-identical for any M and thread count, and for every storage.
     GuidanceBatch(capacity, eos_ids): length-guided selection (rules of `select_ref.select_row`) for a slot
         table of requests; `step(rows, cand_ids, cand_logp, cand_z, out_slot, out_token, out_done)` is the one
         native call per decode step for the whole batch, GIL released.
@@ -280,19 +280,19 @@ def value_head(x: np.ndarray, norm: np.ndarray, eps: float, w1: np.ndarray, b1: 
 
 def pack_panels(weight: np.ndarray, out: np.ndarray) -> None:
     """out[p, kk, l] = weight[8 p + l, kk] (0 past the last row); weight float32, out [ceil(N / 8), K, 8] float32,
-    or int16 for the bfloat16 halves of a bf16-exact weight (ValueError otherwise)."""
+    int16 (bfloat16 bits) or float16, for a weight exact in that storage (ValueError otherwise)."""
     _core.pack_panels(weight, out)
 
 
 def panel_linear(x: np.ndarray, panels: np.ndarray, n: int, bias: np.ndarray | None, out: np.ndarray) -> None:
-    """out = x @ weight.T + bias for weight [n, K] packed by pack_panels (float32 or int16 panels); x [M, K],
-    bias and out [M, n] float32."""
+    """out = x @ weight.T + bias for weight [n, K] packed by pack_panels (float32, int16 or float16 panels);
+    x [M, K], bias [n] and out [M, n] float32."""
     _core.panel_linear(x, panels, int(n), bias, out)
 
 
-def bf16_exact(weight: np.ndarray) -> bool:
-    """Whether every value of a float32 array is a bfloat16 value (its lower 16 bits zero)."""
-    return bool(_core.bf16_exact(weight))
+def storage_exact(weight: np.ndarray, storage: str) -> bool:
+    """Whether every value of a float32 array is exactly a value of `storage` ("bfloat16" or "float16")."""
+    return bool(_core.storage_exact(weight, storage))
 
 
 Trunk = _core.Trunk

@@ -11,10 +11,10 @@ Contract:
         bias[N] | None) -> float32[..., N]: the same product over a copy of the weight in panels of 8 rows
         (csrc/panel_linear.h), which streams from memory in long runs (a decode step's matrices 1.19x faster than
         `linear` here, benchmarks/results/bench_linear.json); out[..., j] is one ordered sum over K, again the
-        same bits for a row whatever the batch. Storage "auto" keeps the panels in bfloat16 when every weight is
-        a bfloat16 value (a checkpoint stored in bfloat16, loaded as float32): half the bytes, the same float32
-        weights and results bit for bit. Bad inputs raise ValueError naming the argument (IndexError for
-        rows_at).
+        same bits for a row whatever the batch. Storage "auto" keeps the panels in bfloat16 (or float16) when
+        every weight is exactly such a value (a checkpoint stored in bfloat16 or float16, loaded as float32):
+        half the bytes, the same float32 weights and results bit for bit. Bad inputs raise ValueError naming the
+        argument (IndexError for rows_at).
     value_head(x[R, D], norm, eps, w1[H, D], b1[H], w2[H], b2) -> z[R]: the LenVM head in one native call.
     set_num_threads(n) / get_num_threads(): threads of the native pool, calling thread included.
     Trunk(cfg, layers, scale): every decoder layer of a decode step or a lookahead in one native call (csrc/trunk.h),
@@ -90,8 +90,8 @@ def _diagnose(x: object, weight: object, bias: object) -> None:
 @dataclass(frozen=True)
 class PanelWeight:
     """A float32 weight matrix [rows, K] packed for panel_linear: panels [ceil(rows / 8), K, 8] stored as float32,
-    or as bfloat16 when every weight is a bfloat16 value (`storage`); either way it stands for the same float32
-    matrix (`dtype`), which rows_at and unpacked return."""
+    or as bfloat16 / float16 when every weight is exactly such a value (`storage`); either way it stands for the
+    same float32 matrix (`dtype`), which rows_at and unpacked return."""
 
     panels: torch.Tensor
     rows: int
@@ -112,11 +112,11 @@ class PanelWeight:
         return self.rows * self.panels.shape[1]
 
     def element_size(self) -> int:
-        """Bytes per stored weight (4 for float32 panels, 2 for bfloat16)."""
+        """Bytes per stored weight (4 for float32 panels, 2 for bfloat16 and float16)."""
         return self.panels.element_size()
 
     def native(self) -> np.ndarray:
-        """The panels as the core reads them: float32, or int16 holding the bfloat16 bits."""
+        """The panels as the core reads them: float32, int16 holding the bfloat16 bits, or float16."""
         if self.panels.dtype == torch.bfloat16:
             return self.panels.view(torch.int16).numpy()
         return self.panels.numpy()
@@ -133,25 +133,27 @@ class PanelWeight:
         return self.panels.permute(0, 2, 1).reshape(-1, self.panels.shape[1])[: self.rows].float().contiguous()
 
 
-STORAGES = ("auto", "float32", "bfloat16")
+STORAGES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pack_panels(weight: torch.Tensor, storage: str = "auto") -> PanelWeight:
     """Copy a float32 CPU weight [N, K] into panels of 8 rows (zero-padded) for panel_linear.
 
-    storage: "float32", "bfloat16" (every weight must be a bfloat16 value: ValueError otherwise), or "auto"
-    (bfloat16 exactly when every weight is one).
+    storage: "float32", "bfloat16" or "float16" (every weight must be exact there: ValueError otherwise), or
+    "auto": bfloat16 when every weight is a bfloat16 value, else float16 when every weight is a float16 value,
+    else float32.
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-D torch.Tensor, got {getattr(weight, 'shape', type(weight).__name__)}")
-    if storage not in STORAGES:
-        raise ValueError(f"storage: expected one of {', '.join(STORAGES)}, got {storage!r}")
+    if storage != "auto" and storage not in STORAGES:
+        raise ValueError(f"storage: expected one of auto, {', '.join(STORAGES)}, got {storage!r}")
     _diagnose(torch.empty(0, weight.shape[1]), weight, None)
     n, k = weight.shape
     values = weight.detach().numpy()
-    bf16 = storage == "bfloat16" or (storage == "auto" and weight.numel() > 0 and _native.bf16_exact(values))
-    panels = torch.empty(((n + 7) // 8, k, 8), dtype=torch.bfloat16 if bf16 else torch.float32)
-    packed = PanelWeight(panels, n)
+    if storage == "auto":
+        exact = (s for s in ("bfloat16", "float16") if weight.numel() and _native.storage_exact(values, s))
+        storage = next(exact, "float32")
+    packed = PanelWeight(torch.empty(((n + 7) // 8, k, 8), dtype=STORAGES[storage]), n)
     _native.pack_panels(values, packed.native())
     return packed
 
