@@ -61,7 +61,7 @@ void store_tile(const float* acc, int rows, int panels, const float* bias, float
     }
 }
 
-// The float32 a stored weight stands for.
+// The 16-bit storages: a bfloat16 value (the upper half of its float32) and an IEEE half-precision value.
 struct Bf16 {
     std::uint16_t bits;
 };
@@ -82,6 +82,7 @@ inline std::uint32_t to_bits(float value) {
     return bits;
 }
 
+// The float32 a stored weight stands for.
 inline float widen(float w) { return w; }
 inline float widen(Bf16 w) { return from_bits(std::uint32_t{w.bits} << 16); }
 inline float widen(F16 w) {
