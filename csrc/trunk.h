@@ -39,7 +39,7 @@ struct TrunkShape {
 };
 
 // One layer's weights: norms [D], qkv [(H + 2 Hkv) Dh, D], o [D, H Dh], gate_up [2 I, D], down [D, I], the four
-// matrices packed as panels (panel_linear.h: float32 or bfloat16 storage, each on its own);
+// matrices packed as panels (panel_linear.h: float32, bfloat16 or float16 storage, each on its own);
 // biases and the q / k norms [Dh] may be null.
 struct TrunkLayer {
     const float* input_norm;
