@@ -21,12 +21,17 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .cli_eval import add_eval_commands
 from .cli_eval_lifebench import add_lifebench_command
 from .cli_eval_report import add_report_command
 from .cli_train import add_training_commands
-from .config import Generation, Sampling
+from .config import Sampling
+
+if TYPE_CHECKING:
+    from .quality import TextQuality
+    from .runtime import StreamEvent
 
 
 def _threads(n: int | None) -> None:
@@ -159,17 +164,13 @@ def cmd_generate(a: argparse.Namespace) -> int:
         return 0
     from tqdm import tqdm
 
-    start, count = time.perf_counter(), 0
-    ids, logprobs, ranks = [], [], []
+    start, events = time.perf_counter(), []
     bar = tqdm(total=a.max_new_tokens, unit="tok", file=sys.stderr, disable=rt.value is None or a.no_progress,
                desc="generating", leave=False)
     for event in rt.stream(prompt, max_new_tokens=a.max_new_tokens, sampling=sampling, **steer):
-        count += 1
-        ids.append(event.token_id)
-        logprobs.append(event.logprob)
-        ranks.append(event.rank)
+        events.append(event)
         if event.remaining is not None:  # the bar's total is the live predicted length
-            bar.total = min(a.max_new_tokens, count + round(event.remaining))
+            bar.total = min(a.max_new_tokens, len(events) + round(event.remaining))
         bar.update(1)
         bar.clear()
         sys.stdout.write(event.text)
@@ -177,8 +178,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
         bar.refresh()
     bar.close()
     elapsed = time.perf_counter() - start
-    summary = _length_and_quality(ids, logprobs, ranks, rt.eos_token_ids)
-    print(f"\n[{summary}, {count / elapsed:.1f} tok/s]", file=sys.stderr)
+    summary = _length_and_quality(_streamed_quality(events, rt.eos_token_ids))
+    print(f"\n[{summary}, {len(events) / elapsed:.1f} tok/s]", file=sys.stderr)
     return 0
 
 
@@ -191,18 +192,17 @@ DEMO_TARGETS = (("equal", 16), ("equal", 48), ("at-most", 24), ("at-least", 96))
 DEMO_GUIDED_SAMPLING = Sampling(temperature=0, min_p=GUARD_MIN_P)
 
 
-def _length_and_quality(token_ids: list[int], logprobs: list[float], ranks: list[int], eos_ids: frozenset[int]) -> str:
-    """"N tokens, policy NLL x": the response length (EOS not counted) and the policy's own NLL per token of it,
-    from the decoding steps' log-probabilities and ranks."""
-    from .quality import quality_of_steps
-
-    q = quality_of_steps(token_ids, logprobs, ranks, eos_ids)
+def _length_and_quality(q: TextQuality) -> str:
+    """"N tokens, policy NLL x": the response length (EOS not counted) and the policy's own NLL per token."""
     return f"{q.tokens - q.ended} tokens, policy NLL {q.nll:.2f}"
 
 
-def _summary(g: Generation) -> str:
-    """"N tokens, policy NLL x" of a Generation."""
-    return f"{g.response_tokens} tokens, policy NLL {g.quality.nll:.2f}"
+def _streamed_quality(events: list[StreamEvent], eos_ids: frozenset[int]) -> TextQuality:
+    """The quality of a streamed response, from its events' log-probabilities and ranks."""
+    from .quality import quality_of_steps
+
+    return quality_of_steps([e.token_id for e in events], [e.logprob for e in events], [e.rank for e in events],
+                            eos_ids)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -227,8 +227,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
             sys.stdout.flush()
             events.append(event)
         elapsed = time.perf_counter() - start
-        summary = _length_and_quality([e.token_id for e in events], [e.logprob for e in events],
-                                      [e.rank for e in events], rt.eos_token_ids)
+        summary = _length_and_quality(_streamed_quality(events, rt.eos_token_ids))
         print(f"\n[{summary}, finish={events[-1].finish_reason}, {len(events) / elapsed:.1f} tok/s]\n")
     if not guided:
         return 0
@@ -236,11 +235,11 @@ def cmd_demo(a: argparse.Namespace) -> int:
     print(f">>> {DEMO_GUIDED_PROMPT}   (length control with the default value head, γ = {rt.gamma:.4f}, "
           f"candidates: top-15 with min-p {DEMO_GUIDED_SAMPLING.min_p}; NLL: nats per token under the unguided policy)")
     plain = rt.generate(chat, max_new_tokens=2 * a.max_new_tokens, sampling=Sampling(temperature=0))
-    print(f"[unguided: {_summary(plain)}] {plain.text.strip()}\n")
+    print(f"[unguided: {_length_and_quality(plain.quality)}] {plain.text.strip()}\n")
     for constraint, n in DEMO_TARGETS:
         target = {"equal": LengthTarget.equal, "at-most": LengthTarget.at_most, "at-least": LengthTarget.at_least}
         g = rt.generate(chat, max_new_tokens=2 * n + 32, sampling=DEMO_GUIDED_SAMPLING, length=target[constraint](n))
-        print(f"[{constraint} {n}: {_summary(g)}] {g.text.strip()}\n")
+        print(f"[{constraint} {n}: {_length_and_quality(g.quality)}] {g.text.strip()}\n")
     return 0
 
 

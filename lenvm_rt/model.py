@@ -77,7 +77,7 @@ def _packed(weights: ModelWeights, storage: str) -> ModelWeights:
     """CPU fp32: every layer matrix and the LM head as panels (cpu_ops.PanelWeight), which the native kernels
     stream faster than the plain layout; a tied embedding becomes the packed head, read row by row. Nothing is
     kept twice: the returned weights share no matrix with the argument. `storage` as cpu_ops.pack_panels: "auto"
-    keeps the matrices of a bfloat16 checkpoint in bfloat16 (half the bytes, the same results)."""
+    keeps the matrices of a bfloat16 or float16 checkpoint in 16 bits (half the bytes, the same results)."""
     def pack(matrix: torch.Tensor) -> cpu_ops.PanelWeight:
         return cpu_ops.pack_panels(matrix, storage)
 
@@ -93,8 +93,8 @@ class CausalLM:
     """Inference-only decoder over ModelWeights; call under torch.inference_mode()."""
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, *, panel_storage: str = "auto") -> None:
-        """panel_storage: how a CPU fp32 model stores its packed matrices ("auto", "float32", "bfloat16"; see
-        cpu_ops.pack_panels); the results do not depend on it."""
+        """panel_storage: how a CPU fp32 model stores its packed matrices ("auto", "float32", "bfloat16",
+        "float16"; see cpu_ops.pack_panels); the results do not depend on it."""
         self.cfg = cfg
         self.device = weights.embed.device
         self.dtype = weights.final_norm.dtype
