@@ -9,9 +9,9 @@ Contract:
         mode is on and detached otherwise. Bad inputs raise ValueError naming the argument.
     pack_panels(weight: float32[N, K], storage="auto") -> PanelWeight; panel_linear(x[..., K], PanelWeight,
         bias[N] | None) -> float32[..., N]: the same product over a copy of the weight in panels of 8 rows
-        (csrc/panel_linear.h), which streams from memory in long runs (a decode step's matrices 1.19x faster than
-        `linear` here, benchmarks/results/bench_linear.json); out[..., j] is one ordered sum over K, again the
-        same bits for a row whatever the batch. Storage "auto" keeps the panels in bfloat16 (or float16) when
+        (csrc/panel_linear.h), which streams from memory in long runs (faster than `linear` here:
+        benchmarks/results/bench_linear.json); out[..., j] is one ordered sum over K, again the same bits for a
+        row whatever the batch. Storage "auto" keeps the panels in bfloat16 (or float16) when
         every weight is exactly such a value (a checkpoint stored in bfloat16 or float16, loaded as float32):
         half the bytes, the same float32 weights and results bit for bit. Bad inputs raise ValueError naming the
         argument (IndexError for rows_at).
