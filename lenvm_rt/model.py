@@ -26,8 +26,9 @@ All math mirrors transformers' modules (RMSNorm in fp32, rotate-half RoPE, SiLU-
 """
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -73,13 +74,23 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def panel_packer(device: torch.device, dtype: torch.dtype, storage: str = "auto"
+                 ) -> Callable[[torch.Tensor], cpu_ops.PanelWeight] | None:
+    """How a model on (device, dtype) keeps its matrices: CPU fp32 packs them in panels (cpu_ops.pack_panels with
+    `storage`), other models keep the tensors (None). load_weights(pack=...) applies it matrix by matrix."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return None
+    return functools.partial(cpu_ops.pack_panels, storage=storage)
+
+
 def _packed(weights: ModelWeights, storage: str) -> ModelWeights:
     """CPU fp32: every layer matrix and the LM head as panels (cpu_ops.PanelWeight), which the native kernels
     stream faster than the plain layout; a tied embedding becomes the packed head, read row by row. Nothing is
-    kept twice: the returned weights share no matrix with the argument. `storage` as cpu_ops.pack_panels: "auto"
-    keeps the matrices of a bfloat16 or float16 checkpoint in 16 bits (half the bytes, the same results)."""
-    def pack(matrix: torch.Tensor) -> cpu_ops.PanelWeight:
-        return cpu_ops.pack_panels(matrix, storage)
+    kept twice: the returned weights share no unpacked matrix with the argument (matrices that come packed, from
+    load_weights(pack=panel_packer(...)), are kept as they are). `storage` as cpu_ops.pack_panels: "auto" keeps
+    the matrices of a bfloat16 or float16 checkpoint in 16 bits (half the bytes, the same results)."""
+    def pack(matrix: torch.Tensor | cpu_ops.PanelWeight) -> cpu_ops.PanelWeight:
+        return matrix if isinstance(matrix, cpu_ops.PanelWeight) else cpu_ops.pack_panels(matrix, storage)
 
     layers = [replace(layer, **{name: pack(getattr(layer, name)) for name in _MATRICES}) for layer in weights.layers]
     if not weights.lm_head.numel():  # a separate LenVM backbone never runs an LM head
@@ -96,7 +107,7 @@ class CausalLM:
         """panel_storage: how a CPU fp32 model stores its packed matrices ("auto", "float32", "bfloat16",
         "float16"; see cpu_ops.pack_panels); the results do not depend on it."""
         self.cfg = cfg
-        self.device = weights.embed.device
+        self.device = weights.final_norm.device
         self.dtype = weights.final_norm.dtype
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self._native_linear = self.device.type == "cpu" and self.dtype == torch.float32

@@ -27,7 +27,7 @@ import torch
 from .config import Generation, LengthTarget, ModelConfig, Sampling
 from .decode import Emitted, decode
 from .guidance import Guidance
-from .model import CausalLM
+from .model import CausalLM, panel_packer
 from .quality import TextQuality, text_quality
 from .tokenizer import IncrementalDecoder, Message, Tokenizer
 from .value_model import locate
@@ -112,7 +112,8 @@ def load(policy: str | os.PathLike[str], value_model: str | os.PathLike[str] | N
 
         value_model = default_head_dir(directory)
     source = locate(value_model) if value_model is not None else None
-    model = CausalLM(cfg, load_weights(directory, cfg, device=dev, dtype=torch_dtype))
+    model = CausalLM(cfg, load_weights(directory, cfg, device=dev, dtype=torch_dtype,
+                                       pack=panel_packer(dev, torch_dtype)))
     value = None
     if source is not None:
         value = ValueModel.load(source, model, tokenizer, gamma=gamma, device=dev, dtype=torch_dtype)

@@ -17,7 +17,7 @@ import torch
 
 from . import cpu_ops
 from .config import ModelConfig
-from .model import CausalLM, right_padded
+from .model import CausalLM, panel_packer, right_padded
 from .tokenizer import Tokenizer
 from .value_math import remaining_from_logit, td_residual
 from .value_model import (
@@ -91,7 +91,8 @@ class ValueModel:
         g = read_gamma(source, gamma)
         cfg = read_config(source.backbone)
         head = load_value_head(source.head_file, cfg.hidden_size, device=device, dtype=dtype)
-        weights = load_weights(source.backbone, cfg, device=device, dtype=dtype, with_lm_head=False)
+        weights = load_weights(source.backbone, cfg, device=device, dtype=dtype, with_lm_head=False,
+                               pack=panel_packer(device, dtype))
         return ValueModel(head, g, CausalLM(cfg, weights), source, cfg.rms_norm_eps)
 
     def values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

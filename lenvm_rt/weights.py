@@ -4,7 +4,8 @@ resolve_checkpoint(name)   local directory, or a hub id fetched through huggingf
 read_config(dir)           ModelConfig from config.json, EOS ids merged from generation_config.json
 load_weights(dir, cfg)     ModelWeights: tensors by explicit name map, shape-checked, on the target
                            device/dtype. q/k/v and gate/up are fused into one matrix each so a decode
-                           step issues one GEMV per projection group.
+                           step issues one GEMV per projection group; pack= turns each matrix into the
+                           model's own form as soon as it is read (a CPU fp32 model's panels).
 
 Only `.safetensors` is read (single file or sharded with `model.safetensors.index.json`), memory
 mapped; pickled `.bin` checkpoints are refused because unpickling can run arbitrary code.
@@ -13,8 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -177,11 +180,13 @@ class _TensorSource:
 
 
 def load_weights(directory: Path, cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype,
-                 with_lm_head: bool = True) -> ModelWeights:
+                 with_lm_head: bool = True, pack: Callable[[torch.Tensor], Any] | None = None) -> ModelWeights:
     """Read, check and place every tensor; ValueError names a missing, misshapen or unexpected tensor.
 
     with_lm_head=False skips an untied LM head (a separate LenVM backbone never runs it, LENVM.md §2);
-    `ModelWeights.lm_head` is then an empty tensor.
+    `ModelWeights.lm_head` is then an empty tensor. `pack` (model.panel_packer) turns each layer matrix and
+    the LM head into the form the model keeps as soon as it is read, so that the whole model never exists in
+    `dtype` at once (a bfloat16 checkpoint loaded for a CPU fp32 model peaks at its packed size, not twice it).
     """
     src = _TensorSource(safetensors_files(directory))
     D, dh, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
@@ -194,14 +199,17 @@ def load_weights(directory: Path, cfg: ModelConfig, *, device: torch.device, dty
     def fused(*parts: torch.Tensor) -> torch.Tensor:
         return torch.cat([p.to(dtype=dtype) for p in parts]).to(device)
 
+    def kept(matrix: torch.Tensor) -> Any:
+        return matrix if pack is None else pack(matrix)
+
     layers = []
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         a, m = p + "self_attn.", p + "mlp."
         qkv_names = [(a + "q_proj", q_out), (a + "k_proj", kv_out), (a + "v_proj", kv_out)]
-        qkv = fused(*(src.get(n + ".weight", (rows, D)) for n, rows in qkv_names))
+        qkv = kept(fused(*(src.get(n + ".weight", (rows, D)) for n, rows in qkv_names)))
         qkv_bias = fused(*(src.get(n + ".bias", (rows,)) for n, rows in qkv_names)) if cfg.qkv_bias else None
-        gate_up = fused(src.get(m + "gate_proj.weight", (inter, D)), src.get(m + "up_proj.weight", (inter, D)))
+        gate_up = kept(fused(src.get(m + "gate_proj.weight", (inter, D)), src.get(m + "up_proj.weight", (inter, D))))
         gate_up_bias = None
         down_bias = None
         if cfg.mlp_bias:
@@ -213,12 +221,12 @@ def load_weights(directory: Path, cfg: ModelConfig, *, device: torch.device, dty
             qkv_bias=qkv_bias,
             q_norm=put(src.get(a + "q_norm.weight", (dh,))) if cfg.qk_norm else None,
             k_norm=put(src.get(a + "k_norm.weight", (dh,))) if cfg.qk_norm else None,
-            o=put(src.get(a + "o_proj.weight", (D, q_out))),
+            o=kept(put(src.get(a + "o_proj.weight", (D, q_out)))),
             o_bias=put(src.get(a + "o_proj.bias", (D,))) if cfg.o_bias else None,
             post_norm=put(src.get(p + "post_attention_layernorm.weight", (D,))),
             gate_up=gate_up,
             gate_up_bias=gate_up_bias,
-            down=put(src.get(m + "down_proj.weight", (D, inter))),
+            down=kept(put(src.get(m + "down_proj.weight", (D, inter)))),
             down_bias=down_bias,
         ))
     vocab = (cfg.vocab_size, D)
@@ -226,13 +234,14 @@ def load_weights(directory: Path, cfg: ModelConfig, *, device: torch.device, dty
     if cfg.tie_word_embeddings:
         # Some tied checkpoints store only lm_head.weight (or both); either serves as the embedding.
         name = embed_name if src.has(embed_name) or not src.has(head_name) else head_name
-        embed = put(src.get(name, vocab))
+        embed = kept(put(src.get(name, vocab)))  # the packed head serves as the embedding too
         if src.has(head_name):
             src.get(head_name, vocab)
         lm_head = embed
     else:
         embed = put(src.get(embed_name, vocab))
-        lm_head = put(src.get(head_name, vocab)) if with_lm_head else torch.empty(0, device=device, dtype=dtype)
+        lm_head = (kept(put(src.get(head_name, vocab))) if with_lm_head
+                   else torch.empty(0, device=device, dtype=dtype))
         src.used.add(head_name)
     final_norm = put(src.get("model.norm.weight", (D,)))
     extra = src.unexpected()

@@ -17,7 +17,7 @@ from subproc import run_python
 from test_panel_linear import sequential_sums
 
 from lenvm_rt import _native, cpu_ops
-from lenvm_rt.model import CausalLM
+from lenvm_rt.model import CausalLM, panel_packer
 from lenvm_rt.weights import load_weights, read_config
 
 HALVES = [torch.bfloat16, torch.float16]
@@ -147,3 +147,27 @@ def test_a_half_checkpoint_keeps_half_the_bytes_and_the_float32_bits(tmp_path, d
             outputs.append((model.logits(x), model.logits(step), look, model._embed(prompt)))
     for a, b in zip(*outputs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("dtype", "tied"), [(torch.bfloat16, True), (torch.float32, False)], ids=["bf16-tied", "fp32"])
+def test_packing_while_loading_gives_the_same_model(tmp_path, dtype: torch.dtype, tied: bool) -> None:
+    directory = make_checkpoint(tmp_path, "llama", tied=tied, dtype=dtype)
+    cfg, cpu = read_config(directory), torch.device("cpu")
+    pack = panel_packer(cpu, torch.float32)
+    early = load_weights(directory, cfg, device=cpu, dtype=torch.float32, pack=pack)
+    assert all(isinstance(m, cpu_ops.PanelWeight) for m in early.matrices())
+    assert (early.embed is early.lm_head) == tied and isinstance(early.embed, cpu_ops.PanelWeight) == tied
+    models = [CausalLM(cfg, early), CausalLM(cfg, load_weights(directory, cfg, device=cpu, dtype=torch.float32))]
+    assert models[0].w.layers[0].qkv is early.layers[0].qkv  # kept as packed, not packed again
+    assert models[0].w.lm_head.storage == models[1].w.lm_head.storage == (dtype if tied else torch.float32)
+    outputs = []
+    with torch.inference_mode():
+        for model in models:
+            model.allocate(batch=1, capacity=8)
+            x = model.prefill(torch.tensor([[3, 1, 4, 1, 5]]), [5])
+            outputs.append((model.logits(x), model.logits(model.decode_step(torch.tensor([9]), [5]))))
+    assert all(torch.equal(a, b) for a, b in zip(*outputs))
+    backbone = load_weights(directory, cfg, device=cpu, dtype=torch.float32, with_lm_head=False, pack=pack)
+    assert isinstance(backbone.layers[0].down, cpu_ops.PanelWeight)
+    assert backbone.lm_head.numel() == (cfg.vocab_size * cfg.hidden_size if tied else 0)
+    assert panel_packer(cpu, torch.bfloat16) is None and panel_packer(torch.device("meta"), torch.float32) is None
