@@ -28,22 +28,12 @@ import torch
 # isort: on
 
 from lenvm_rt import cpu_ops
+from lenvm_rt.bench.archs import ARCHS
 from lenvm_rt.bench.report import stats_ms, write_record
 from lenvm_rt.config import ModelConfig
 from lenvm_rt.model import CausalLM
 from lenvm_rt.weights import LayerWeights, ModelWeights
 
-ARCHS = {  # the shapes of the public configs (config.json of each model)
-    "smollm2-135m": {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
-                     "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
-                     "tie_word_embeddings": True, "rope_theta": 100000.0, "rms_norm_eps": 1e-5},
-    "qwen2.5-0.5b": {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
-                     "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
-                     "tie_word_embeddings": True, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6},
-    "qwen2.5-1.5b": {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
-                     "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
-                     "tie_word_embeddings": True, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6},
-}
 CONTEXT, CANDIDATES = 64, 15
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_storage.json"
 
