@@ -90,7 +90,7 @@ def main() -> None:
 
     results: dict[str, list[dict]] = {way: [] for way in WAYS}
     with tempfile.TemporaryDirectory() as tmp:
-        directory = write_random_checkpoint(Path(tmp) / args.arch, args.arch, getattr(torch, args.dtype))
+        directory = write_random_checkpoint(Path(tmp) / args.arch, ARCHS[args.arch], getattr(torch, args.dtype))
         checkpoint_gb = (directory / "model.safetensors").stat().st_size / 1e9
         print(f"{args.arch} in {args.dtype}: {checkpoint_gb:.2f} GB checkpoint")
         print(f"{'way':>20} {'run':>3} {'peak anon GB':>12} {'peak RSS GB':>11} {'load s':>6} {'packed GB':>9}")

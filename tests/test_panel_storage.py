@@ -171,3 +171,17 @@ def test_packing_while_loading_gives_the_same_model(tmp_path, dtype: torch.dtype
     assert isinstance(backbone.layers[0].down, cpu_ops.PanelWeight)
     assert backbone.lm_head.numel() == (cfg.vocab_size * cfg.hidden_size if tied else 0)
     assert panel_packer(cpu, torch.bfloat16) is None and panel_packer(torch.device("meta"), torch.float32) is None
+
+
+def test_the_benchmarks_random_checkpoint_loads_packed(tmp_path) -> None:
+    from lenvm_rt.bench.archs import ARCHS, write_random_checkpoint
+
+    tiny = {**ARCHS["qwen2.5-0.5b"], "vocab_size": 300, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    directory = write_random_checkpoint(tmp_path, tiny, torch.float16)
+    cfg, cpu = read_config(directory), torch.device("cpu")
+    assert (cfg.model_type, cfg.num_layers, cfg.qkv_bias, cfg.torch_dtype) == ("qwen2", 2, True, "float16")
+    weights = load_weights(directory, cfg, device=cpu, dtype=torch.float32, pack=panel_packer(cpu, torch.float32))
+    assert {m.storage for m in weights.matrices()} == {torch.float16}
+    with pytest.raises(ValueError, match="tied Llama or Qwen2"):
+        write_random_checkpoint(tmp_path, {**tiny, "tie_word_embeddings": False}, torch.float16)

@@ -1,7 +1,7 @@
 """Real architectures' shapes for benchmarks with random weights (the public config.json of each model).
 
-    ARCHS[name] -> config.json fields; write_random_checkpoint(directory, name, dtype, seed) -> a safetensors
-    checkpoint of those shapes with random weights (no tokenizer: for load_weights / CausalLM, not load()).
+    ARCHS[name] -> config.json fields; write_random_checkpoint(directory, config, dtype, seed) -> a safetensors
+    checkpoint of such a config with random weights (no tokenizer: for load_weights / CausalLM, not load()).
 """
 from __future__ import annotations
 
@@ -24,12 +24,13 @@ ARCHS: dict[str, dict[str, Any]] = {
 }
 
 
-def write_random_checkpoint(directory: Path, name: str, dtype: torch.dtype, seed: int = 0) -> Path:
-    """config.json and model.safetensors (Hugging Face tensor names) of ARCHS[name], random N(0, 0.02) weights and
-    unit norms stored in `dtype`."""
+def write_random_checkpoint(directory: Path, cfg: dict[str, Any], dtype: torch.dtype, seed: int = 0) -> Path:
+    """config.json and model.safetensors (Hugging Face tensor names) of a Llama or Qwen2 config such as an ARCHS
+    entry (untied LM heads are not written): random N(0, 0.02) weights and unit norms stored in `dtype`."""
     from safetensors.torch import save_file
 
-    cfg = ARCHS[name]
+    if cfg["model_type"] not in ("llama", "qwen2") or not cfg["tie_word_embeddings"]:
+        raise ValueError("write_random_checkpoint writes tied Llama or Qwen2 checkpoints")
     directory.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     D, inner, heads, kv = (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"],
