@@ -185,10 +185,10 @@ class CausalLM:
         return x + self._linear(F.silu(gate) * up, layer.down, layer.down_bias)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Embedding rows ids[...] -> [..., D]."""
+        """Embedding rows ids[...] -> [..., D] in the model's dtype (an embedding kept in 16 bits is widened)."""
         if isinstance(self.w.embed, cpu_ops.PanelWeight):
             return self.w.embed.rows_at(ids)
-        return F.embedding(ids, self.w.embed)
+        return F.embedding(ids, self.w.embed).to(self.dtype)
 
     def normed(self, x: torch.Tensor) -> torch.Tensor:
         """The final RMSNorm: last hidden states [..., D] -> the tensor the LM head consumes."""

@@ -186,7 +186,9 @@ def load_weights(directory: Path, cfg: ModelConfig, *, device: torch.device, dty
     with_lm_head=False skips an untied LM head (a separate LenVM backbone never runs it, LENVM.md §2);
     `ModelWeights.lm_head` is then an empty tensor. `pack` (model.panel_packer) turns each layer matrix and
     the LM head into the form the model keeps as soon as it is read, so that the whole model never exists in
-    `dtype` at once (a bfloat16 checkpoint loaded for a CPU fp32 model peaks at its packed size, not twice it).
+    `dtype` at once (a bfloat16 checkpoint loaded for a CPU fp32 model peaks at its packed size, not twice it);
+    with it an untied bfloat16 / float16 embedding stays in its stored dtype (the model widens the rows it
+    gathers).
     """
     src = _TensorSource(safetensors_files(directory))
     D, dh, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
@@ -239,7 +241,9 @@ def load_weights(directory: Path, cfg: ModelConfig, *, device: torch.device, dty
             src.get(head_name, vocab)
         lm_head = embed
     else:
-        embed = put(src.get(embed_name, vocab))
+        embed = src.get(embed_name, vocab)
+        if pack is None or embed.dtype not in (torch.bfloat16, torch.float16):
+            embed = put(embed)  # else a packing model reads a few rows per step: they stay as stored (16 bits)
         lm_head = (kept(put(src.get(head_name, vocab))) if with_lm_head
                    else torch.empty(0, device=device, dtype=dtype))
         src.used.add(head_name)

@@ -149,7 +149,8 @@ def test_a_half_checkpoint_keeps_half_the_bytes_and_the_float32_bits(tmp_path, d
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize(("dtype", "tied"), [(torch.bfloat16, True), (torch.float32, False)], ids=["bf16-tied", "fp32"])
+@pytest.mark.parametrize(("dtype", "tied"), [(torch.bfloat16, True), (torch.float16, False), (torch.float32, False)],
+                         ids=["bf16-tied", "f16-untied", "fp32"])
 def test_packing_while_loading_gives_the_same_model(tmp_path, dtype: torch.dtype, tied: bool) -> None:
     directory = make_checkpoint(tmp_path, "llama", tied=tied, dtype=dtype)
     cfg, cpu = read_config(directory), torch.device("cpu")
@@ -157,15 +158,17 @@ def test_packing_while_loading_gives_the_same_model(tmp_path, dtype: torch.dtype
     early = load_weights(directory, cfg, device=cpu, dtype=torch.float32, pack=pack)
     assert all(isinstance(m, cpu_ops.PanelWeight) for m in early.matrices())
     assert (early.embed is early.lm_head) == tied and isinstance(early.embed, cpu_ops.PanelWeight) == tied
+    assert tied or early.embed.dtype == dtype  # an untied embedding stays as stored
     models = [CausalLM(cfg, early), CausalLM(cfg, load_weights(directory, cfg, device=cpu, dtype=torch.float32))]
     assert models[0].w.layers[0].qkv is early.layers[0].qkv  # kept as packed, not packed again
-    assert models[0].w.lm_head.storage == models[1].w.lm_head.storage == (dtype if tied else torch.float32)
+    assert models[0].w.lm_head.storage == models[1].w.lm_head.storage == dtype
     outputs = []
     with torch.inference_mode():
         for model in models:
             model.allocate(batch=1, capacity=8)
             x = model.prefill(torch.tensor([[3, 1, 4, 1, 5]]), [5])
-            outputs.append((model.logits(x), model.logits(model.decode_step(torch.tensor([9]), [5]))))
+            outputs.append((model.logits(x), model.logits(model.decode_step(torch.tensor([9]), [5])),
+                            model._embed(torch.tensor([[0, 7, 299]]))))
     assert all(torch.equal(a, b) for a, b in zip(*outputs))
     backbone = load_weights(directory, cfg, device=cpu, dtype=torch.float32, with_lm_head=False, pack=pack)
     assert isinstance(backbone.layers[0].down, cpu_ops.PanelWeight)
