@@ -145,7 +145,7 @@ def chosen_remaining(z: torch.Tensor, slots: list[int], tokens: list[int], gamma
             for b, (s, t) in enumerate(zip(slots, tokens))]
 
 
-def _host_values(logits: torch.Tensor, tokens: torch.Tensor, slot: torch.Tensor, z: torch.Tensor, gamma: float,
+def host_values(logits: torch.Tensor, tokens: torch.Tensor, slot: torch.Tensor, z: torch.Tensor, gamma: float,
                  cand_stats: CandidateStats | None) -> tuple[list[int], list[float], list[int], list[float]]:
     """The step's tokens, their log p and rank, and the predicted remaining length after each chosen candidate."""
     if cand_stats is not None:  # CPU: a few list conversions and Python floats, no torch op per value
@@ -274,7 +274,7 @@ def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], sampli
                 slot[guided_index] = g_slot.clamp(min=0).to(slot.dtype)
                 tokens[guided_index] = g_token.to(tokens.dtype)
             watch.lap("select")
-            emitted = rows.emit(step, *_host_values(logits, tokens, slot, z, value.gamma, cand_stats))
+            emitted = rows.emit(step, *host_values(logits, tokens, slot, z, value.gamma, cand_stats))
             watch.lap("host")
             yield emitted
             if not any(rows.running):

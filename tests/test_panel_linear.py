@@ -15,26 +15,12 @@ import numpy as np
 import pytest
 import torch
 from checkpoints import make_checkpoint
-from linear_cases import make, restore_threads  # noqa: F401 (an autouse fixture)
+from linear_cases import make, restore_threads, sequential_sums  # noqa: F401 (an autouse fixture)
 from subproc import run_python
 
 from lenvm_rt import _native, cpu_ops
 from lenvm_rt.model import CausalLM
 from lenvm_rt.weights import load_weights, read_config
-
-
-def sequential_sums(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, fused: bool) -> np.ndarray:
-    """The contract's per-element sequence in numpy. A fused step is acc + x w computed exactly (the float64
-    product of two floats is exact) and rounded once to float32; the portable step rounds the product first."""
-    xs, ws = x.numpy(), w.numpy()
-    acc = np.zeros((xs.shape[0], ws.shape[0]), dtype=np.float32)
-    for kk in range(xs.shape[1]):
-        product = np.outer(xs[:, kk].astype(np.float64), ws[:, kk].astype(np.float64))
-        if fused:
-            acc = (acc.astype(np.float64) + product).astype(np.float32)
-        else:
-            acc = acc + product.astype(np.float32)
-    return acc if b is None else acc + b.numpy()
 
 
 def test_packing_layout_and_round_trip() -> None:

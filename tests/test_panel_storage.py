@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 from checkpoints import make_checkpoint
-from linear_cases import make, restore_threads  # noqa: F401 (an autouse fixture)
+from linear_cases import make, restore_threads, sequential_sums  # noqa: F401 (an autouse fixture)
 from subproc import run_python
-from test_panel_linear import sequential_sums
 
 from lenvm_rt import _native, cpu_ops
 from lenvm_rt.model import CausalLM, panel_packer

@@ -151,7 +151,7 @@ def test_decode_token_stats_native_and_torch_paths_agree() -> None:
 
 
 def test_decode_host_values_cpu_and_device_paths_agree_also_for_a_token_outside_the_candidates() -> None:
-    from lenvm_rt.decode import _host_values, cpu_candidate_stats
+    from lenvm_rt.decode import cpu_candidate_stats, host_values
 
     g = torch.Generator().manual_seed(5)
     B, K, V, gamma = 3, 4, 500, 0.99
@@ -164,8 +164,8 @@ def test_decode_host_values_cpu_and_device_paths_agree_also_for_a_token_outside_
     forced[1] = next(t for t in range(V) if t not in cand[1].tolist())  # e.g. an EOS forced by the controller
     stats = cpu_candidate_stats(logits, cand)
     for tokens in (chosen, forced):
-        ids, logp, rank, remaining = _host_values(logits, tokens, slot, z, gamma, stats)
-        want = _host_values(logits, tokens, slot, z, gamma, None)  # the device path: statistics after the choice
+        ids, logp, rank, remaining = host_values(logits, tokens, slot, z, gamma, stats)
+        want = host_values(logits, tokens, slot, z, gamma, None)  # the device path: statistics after the choice
         want_logp, want_rank = reference(logits.numpy(), tokens.numpy())
         assert ids == tokens.tolist() == want[0]
         assert rank == want[2] == want_rank.tolist()

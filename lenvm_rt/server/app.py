@@ -127,17 +127,13 @@ class _Choices:
         """OpenAI's logprobs object for choice `index`'s tokens from `start` on; None when not asked for."""
         if not self.spec.logprobs:
             return None
-        texts = self.text[index].token_texts[start:len(self.ids[index])]
-        logps = self.logprobs[index][start:]
+        assembler, end = self.text[index], len(self.ids[index])
+        texts, logps = assembler.token_texts[start:end], self.logprobs[index][start:]
         if chat:
             return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
                                 for t, lp in zip(texts, logps)]}
-        offset = sum(map(len, self.text[index].token_texts[:start]))
-        offsets = []
-        for t in texts:
-            offsets.append(offset)
-            offset += len(t)
-        return {"tokens": texts, "token_logprobs": logps, "top_logprobs": None, "text_offset": offsets}
+        return {"tokens": texts, "token_logprobs": logps, "top_logprobs": None,
+                "text_offset": assembler.token_starts[start:end]}
 
 
 def _error(exc: APIError) -> JSONResponse:

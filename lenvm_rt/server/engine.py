@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ..config import Sampling
-from ..decode import CACHE_BLOCK, chosen_remaining, chosen_stats, step_candidates
+from ..decode import CACHE_BLOCK, chosen_stats, cpu_candidate_stats, host_values, step_candidates
 from ..guidance import CandidateSettings, EosRule, Guidance
 from ..runtime import Runtime
 from ..sampling import TokenChooser, resolve_seed
@@ -323,10 +323,11 @@ class Engine:
         pos = torch.tensor(positions, device=dev)
         logits = model.logits(self._x)
         if value is None:
-            tokens, remaining = self._chooser(logits, steps), None
+            tokens = self._chooser(logits, steps)
+            finished = self._emit(*chosen_stats(logits, tokens), None)
         else:
-            tokens, remaining, slot, lookahead = self._valued(logits, steps, positions, pos)
-        finished = self._emit(*chosen_stats(logits, tokens), remaining)
+            tokens, stats, slot, lookahead = self._valued(logits, steps, positions, pos)
+            finished = self._emit(*stats)
         self.steps += 1
         if len(finished) == B:
             self._drop(finished, None)
@@ -354,6 +355,7 @@ class Engine:
                  else torch.zeros(B, dtype=torch.long, device=dev))
         # the rows' own steps, host ints: a mask no row is in is skipped
         cand, logp = step_candidates(logits, self._cand_settings, self._eos_rule, steps, plain, unguided)
+        cand_stats = cpu_candidate_stats(logits, cand)  # while the logits are in cache, as the decode loop does
         trunk = value.trunk or self.rt.model
         lookahead = trunk.lookahead(cand, positions, pos)  # [B, K, D]
         z = value.values(lookahead.reshape(B * cand.shape[1], -1))[0].view(B, -1)
@@ -363,19 +365,19 @@ class Engine:
             g_slot, g_token = self._guide.step(self._guide_slots, cand[guided], logp[guided], z[guided])
             slot[guided] = g_slot.to(dev).clamp(min=0)
             tokens[guided] = g_token.to(dev)
-        remaining = chosen_remaining(z, slot.tolist(), tokens.tolist(), value.gamma, self.rt.eos_token_ids)
-        return tokens, remaining, slot, lookahead
+        return tokens, host_values(logits, tokens, slot, z, value.gamma, cand_stats), slot, lookahead
 
     def _emit(self, tokens: list[int], logprobs: list[float], ranks: list[int], remaining: list[float] | None
               ) -> list[int]:
+        """Send each row its token (remaining: the predicted tokens left, 0 after EOS); the rows that finished."""
         finished = []
         eos = self.rt.eos_token_ids
         for i, (row, token, logprob, rank) in enumerate(zip(self._rows, tokens, logprobs, ranks)):
             reason = "stop" if token in eos else ("length" if row.step + 1 == row.req.max_new_tokens else None)
             if row.req.cancelled:
                 reason = reason or "cancelled"
-            self._send(row.req, EngineEvent(token, None if remaining is None else remaining[i], reason,
-                                            logprob=logprob, rank=rank))
+            left = None if remaining is None else (0.0 if reason == "stop" else remaining[i])
+            self._send(row.req, EngineEvent(token, left, reason, logprob=logprob, rank=rank))
             if reason is None and row.req.cancelled:  # cancelled while its event was being handled
                 self._send(row.req, EngineEvent(None, None, "cancelled"))
                 reason = "cancelled"

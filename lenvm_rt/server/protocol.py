@@ -283,9 +283,11 @@ class TextAssembler:
         self.sent = 0
         self.stopped = False
         self.token_texts: list[str] = []  # the text each pushed token completed ("" mid-character, for EOS)
+        self.token_starts: list[int] = []  # where each token's text starts in `text`
 
     def push(self, token_id: int) -> str:
         """The new text safe to send; sets `stopped` (and cuts the text) when a stop string appears."""
+        self.token_starts.append(len(self.text))
         self.token_texts.append(self._decoder.push(token_id))
         return self._append(self.token_texts[-1])
 
