@@ -141,6 +141,8 @@ def _length(a: argparse.Namespace):
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
+    if a.top_logprobs and not a.json:
+        raise ValueError("--top-logprobs needs --json")
     sampling = _sampling(a)
     length = _length(a)
     rt = _load(a)
@@ -151,8 +153,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
             {"role": "user", "content": a.prompt}]
     steer = {"length": length, "tilt": a.tilt}
     if a.json:
-        gen = rt.generate(prompt, max_new_tokens=a.max_new_tokens, sampling=sampling, **steer)
+        gen = rt.generate(prompt, max_new_tokens=a.max_new_tokens, sampling=sampling, top_logprobs=a.top_logprobs,
+                          **steer)
         quality = gen.quality
+        token_bytes = rt.tokenizer.token_bytes
         print(json.dumps({
             "token_ids": gen.token_ids, "text": gen.text, "num_tokens": gen.num_tokens,
             "response_tokens": gen.response_tokens, "finish_reason": gen.finish_reason,
@@ -160,6 +164,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
             "prefill_ms": 1000.0 * gen.prefill_seconds, "values": gen.values, "gamma": rt.gamma,
             "token_logprobs": gen.token_logprobs, "token_ranks": gen.token_ranks,
             "quality": {**quality.fields(), "tokens": quality.tokens},
+            **({"top_logprobs": [[{"id": i, "token": token_bytes(i).decode("utf-8", errors="replace"), "logprob": lp}
+                                  for i, lp in top] for top in gen.top_logprobs]} if a.top_logprobs else {}),
         }, ensure_ascii=False))
         return 0
     from tqdm import tqdm
@@ -321,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", default=None, help="system message (chat mode)")
     gen.add_argument("--raw", action="store_true", help="encode the prompt as plain text, no chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    gen.add_argument("--top-logprobs", type=int, default=0, metavar="N",
+                     help="with --json: each step's N most probable tokens (0-20) under the policy")
     _value_args(gen, required=False)
     gen.add_argument("--length", type=int, default=None, help="length target N in response tokens (EOS not counted)")
     gen.add_argument("--constraint", choices=["equal", "at-most", "at-least"], default=None,

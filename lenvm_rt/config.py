@@ -257,6 +257,8 @@ class Generation:
     token_logprobs log p of each generated token under the policy's own logits at its step (temperature 1,
                    no filters: the unguided judgement of guided text too)
     token_ranks    1-based rank of each generated token in that distribution
+    top_logprobs   with generate(..., top_logprobs=n): each step's n most probable tokens in that distribution
+                   as (id, log p), most probable first (equal log p: lower id first); empty otherwise
     """
 
     text: str
@@ -269,6 +271,7 @@ class Generation:
     values: list[float] = field(default_factory=list)
     token_logprobs: list[float] = field(default_factory=list)
     token_ranks: list[int] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
     @property
     def ms_per_token(self) -> float:

@@ -2,10 +2,12 @@
 
 Shapes: B rows, K candidate slots, D hidden, V vocabulary.
 
-    for emitted in decode(model, value, prompts, samplings, guidances, max_new_tokens, eos_ids):
-        emitted[b] = (token, finish_reason or None, predicted remaining or None, log p(token), rank), or
-        None once row b has finished in an earlier step; log p and the 1-based rank are the token's under
-        the policy's own logits of that step (temperature 1, no filters), for every row, guided or not
+    for emitted in decode(model, value, prompts, samplings, guidances, max_new_tokens, eos_ids, context,
+                          top_logprobs=[n_0, ..., n_B-1]):
+        emitted[b] = Emitted(token, finish_reason or None, predicted remaining or None, log p(token), rank, top),
+        or None once row b has finished in an earlier step; log p and the 1-based rank are the token's under
+        the policy's own logits of that step (temperature 1, no filters), for every row, guided or not; top
+        holds the n_b most probable tokens of that distribution as (id, log p) (None where n_b is 0)
 
 Plain: prefill, then one decode_step per token; rows sample with their own filters (TokenChooser).
 
@@ -24,7 +26,8 @@ Finished rows ride along until the batch ends; their outputs are dropped.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,7 +41,20 @@ from .selector import make_selector
 from .value_math import remaining_from_logit
 from .values import ValueModel
 
-Emitted = tuple[int, "str | None", "float | None", float, int]
+Alternatives = list[tuple[int, float]]  # (token id, log p), most probable first
+
+
+class Emitted(NamedTuple):
+    """One row's token of one step."""
+
+    token: int
+    finish_reason: str | None
+    remaining: float | None  # predicted tokens left after it (0 after EOS); None without a value model
+    logprob: float
+    rank: int
+    top: Alternatives | None = None  # the step's most probable tokens, when the row asked for them
+
+
 CACHE_BLOCK = 256  # KV capacity grows in blocks so that similar requests reuse one allocation
 
 
@@ -84,7 +100,7 @@ class _Rows:
         self.eos = eos_ids
 
     def emit(self, step: int, tokens: list[int], logp: list[float], rank: list[int],
-             remaining: list[float] | None) -> list[Emitted | None]:
+             remaining: list[float] | None, top: list[Alternatives | None]) -> list[Emitted | None]:
         """Host values of one step -> the rows' Emitted (None for rows already finished); remaining is 0 after EOS."""
         out: list[Emitted | None] = []
         for b, token in enumerate(tokens):
@@ -94,7 +110,8 @@ class _Rows:
             eos = token in self.eos
             reason = "stop" if eos else ("length" if step + 1 == self.max_new else None)
             self.running[b] = reason is None
-            out.append((token, reason, None if remaining is None else (0.0 if eos else remaining[b]), logp[b], rank[b]))
+            out.append(Emitted(token, reason, None if remaining is None else (0.0 if eos else remaining[b]), logp[b],
+                               rank[b], top[b]))
         return out
 
 
@@ -122,6 +139,26 @@ def token_stats(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tenso
     logp = chosen.squeeze(1) - torch.logsumexp(logits, dim=-1)
     rank = (logits > chosen).sum(dim=-1) + 1
     return logp, rank
+
+
+def top_alternatives(logits: torch.Tensor, counts: Sequence[int]) -> list[Alternatives | None]:
+    """Row b's counts[b] most probable tokens under softmax(logits[b]) [B, V] as (id, log p), most probable first and
+    equal logits by lower id (None where counts[b] is 0).
+
+    Each row is taken on its own, so a row gets the same list whatever the batch, and log p comes from token_stats,
+    so the chosen token's entry equals its own log p.
+    """
+    out: list[Alternatives | None] = [None] * len(counts)
+    for b, n in enumerate(counts):
+        if n <= 0:
+            continue
+        row = logits[b]
+        edge = torch.topk(row, min(n, row.shape[0])).values[-1]  # the n-th largest logit
+        ids = torch.nonzero(row >= edge).view(-1)  # ascending ids, so a stable sort orders ties by id
+        ids = ids[torch.sort(row[ids], descending=True, stable=True).indices[:n]]
+        logp, _ = token_stats(logits[b:b + 1], ids.view(1, -1))
+        out[b] = list(zip(ids.tolist(), logp.view(-1).tolist()))
+    return out
 
 
 CandidateStats = tuple[np.ndarray, np.ndarray, np.ndarray]  # candidate ids, log p, rank: [B, K] each
@@ -189,15 +226,17 @@ def step_candidates(logits: torch.Tensor, settings: CandidateSettings, eos_rule:
 
 def decode(model: CausalLM, value: ValueModel | None, prompts: list[list[int]], samplings: list[Sampling],
            guidances: list[Guidance | None], max_new_tokens: int, eos_ids: frozenset[int],
-           context: int, stopwatch: Stopwatch | None = None) -> Iterator[list[Emitted | None]]:
+           context: int, stopwatch: Stopwatch | None = None, *,
+           top_logprobs: Sequence[int] | None = None) -> Iterator[list[Emitted | None]]:
+    counts = list(top_logprobs) if top_logprobs is not None else [0] * len(prompts)
     if value is None:
-        return _plain(model, prompts, samplings, max_new_tokens, eos_ids, context)
+        return _plain(model, prompts, samplings, max_new_tokens, eos_ids, context, counts)
     return _valued(model, value, prompts, samplings, guidances, max_new_tokens, eos_ids, context,
-                   stopwatch or _NoStopwatch())
+                   stopwatch or _NoStopwatch(), counts)
 
 
 def _plain(model: CausalLM, prompts: list[list[int]], samplings: list[Sampling], max_new_tokens: int,
-           eos_ids: frozenset[int], context: int) -> Iterator[list[Emitted | None]]:
+           eos_ids: frozenset[int], context: int, counts: list[int]) -> Iterator[list[Emitted | None]]:
     ids, lengths = right_padded(prompts)
     B = len(prompts)
     model.allocate(batch=B, capacity=_capacity(lengths, max_new_tokens, context))
@@ -210,7 +249,7 @@ def _plain(model: CausalLM, prompts: list[list[int]], samplings: list[Sampling],
         for step in range(max_new_tokens):
             logits = model.logits(x)
             next_ids = chooser(logits, [step] * B)
-            yield rows.emit(step, *chosen_stats(logits, next_ids), None)  # the one host sync per step
+            yield rows.emit(step, *chosen_stats(logits, next_ids), None, top_alternatives(logits, counts))
             if not any(rows.running):
                 return
             x = model.decode_step(next_ids, positions, pos)
@@ -220,7 +259,7 @@ def _plain(model: CausalLM, prompts: list[list[int]], samplings: list[Sampling],
 
 def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], samplings: list[Sampling],
             guidances: list[Guidance | None], max_new_tokens: int, eos_ids: frozenset[int],
-            context: int, watch: Stopwatch) -> Iterator[list[Emitted | None]]:
+            context: int, watch: Stopwatch, counts: list[int]) -> Iterator[list[Emitted | None]]:
     dev = model.device
     ids, lengths = right_padded(prompts)
     B = len(prompts)
@@ -254,6 +293,7 @@ def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], sampli
             cand, logp = step_candidates(logits, settings, eos_rule, step, plain, unguided)  # [B, W]
             # CPU: log p and rank of every candidate now, while the logits are in cache (the lookahead evicts them)
             cand_stats = cpu_candidate_stats(logits, cand)
+            top = top_alternatives(logits, counts)
             prepared = None
             if selector is not None:
                 prepared = selector.prepare(*((cand, logp) if len(guided) == B else
@@ -274,7 +314,7 @@ def _valued(model: CausalLM, value: ValueModel, prompts: list[list[int]], sampli
                 slot[guided_index] = g_slot.clamp(min=0).to(slot.dtype)
                 tokens[guided_index] = g_token.to(tokens.dtype)
             watch.lap("select")
-            emitted = rows.emit(step, *host_values(logits, tokens, slot, z, value.gamma, cand_stats))
+            emitted = rows.emit(step, *host_values(logits, tokens, slot, z, value.gamma, cand_stats), top)
             watch.lap("host")
             yield emitted
             if not any(rows.running):

@@ -1,8 +1,10 @@
 """`load()` and `Runtime`: the public decoding API.
 
     rt = lenvm_rt.load("path/to/checkpoint" | "org/name" | "default", value_model=None, device=None, dtype=None)
-    rt.generate(prompt, *, max_new_tokens=256, sampling=Sampling(), length=None, tilt=None) -> Generation
-    rt.generate_batch(prompts, *, max_new_tokens=256, sampling=..., length=..., tilt=...) -> list[Generation]
+    rt.generate(prompt, *, max_new_tokens=256, sampling=Sampling(), length=None, tilt=None, top_logprobs=0)
+        -> Generation
+    rt.generate_batch(prompts, *, max_new_tokens=256, sampling=..., length=..., tilt=..., top_logprobs=...)
+        -> list[Generation]
     for event in rt.stream(prompt, *, ...): event.token_id, event.text, event.remaining
     rt.token_values(prompt, response) -> TokenValues;  rt.predict_length(prompts) -> list[float];  rt.gamma
     rt.text_quality(prompt, response) -> TextQuality (the policy's own NLL / rank / probability, 4-gram repetition)
@@ -36,6 +38,7 @@ from .weights import load_weights, read_config, resolve_checkpoint
 
 Prompt = str | Sequence[Message] | Sequence[int]
 DEFAULT_CONTEXT = 4096
+MAX_TOP_LOGPROBS = 20  # most probable alternatives a request may ask for at each step
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,29 @@ class StreamEvent:
     remaining: float | None = None  # predicted tokens left after this one (EOS counted); needs a value model
     logprob: float | None = None  # log p of the token under the policy's logits of its step (temperature 1)
     rank: int | None = None  # the token's 1-based rank there (1 + tokens strictly more likely)
+    top_logprobs: list[tuple[int, float]] | None = None  # the step's most probable tokens (id, log p), if asked
+
+
+def _top_counts(top_logprobs: Any, n: int) -> list[int]:
+    """How many alternatives each of n rows asks for: one int for all rows or a list of n."""
+    counts = list(top_logprobs) if isinstance(top_logprobs, (list, tuple)) else [top_logprobs] * n
+    if len(counts) != n:
+        raise ValueError(f"top_logprobs must be a single int or a list of {n}")
+    for c in counts:
+        if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be an int in [0, {MAX_TOP_LOGPROBS}]; got {c!r}")
+    return counts
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A validated decode request: one entry per row."""
+
+    encoded: list[list[int]]
+    samplings: list[Sampling]
+    guidances: list[Guidance | None]
+    top_logprobs: list[int]
+    max_new_tokens: int
 
 
 def _pick_device(device: str | torch.device | None) -> torch.device:
@@ -257,51 +283,55 @@ class Runtime:
             raise ValueError(f"sampling must be a Sampling or a list of {n} Sampling objects")
         return items
 
-    def _prepare(self, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Any, length: Any, tilt: Any
-                 ) -> tuple[list[list[int]], list[Sampling], list[Guidance | None]]:
+    def _prepare(self, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Any, length: Any, tilt: Any,
+                 top_logprobs: Any) -> _Request:
         """Validate everything before any work starts; a rejected request changes nothing."""
         encoded = [self.encode(p) for p in prompts]
         for ids in encoded:
             self._check_budget(len(ids), max_new_tokens)
-        return encoded, self._samplings(sampling, len(encoded)), self._guidances(length, tilt, len(encoded))
+        n = len(encoded)
+        return _Request(encoded, self._samplings(sampling, n), self._guidances(length, tilt, n),
+                        _top_counts(top_logprobs, n), max_new_tokens)
 
-    def _decode(self, encoded: list[list[int]], samplings: list[Sampling], guidances: list[Guidance | None],
-                max_new_tokens: int) -> Iterator[list[Emitted | None]]:
-        return decode(self.model, self.value, encoded, samplings, guidances, max_new_tokens, self.eos_token_ids,
-                      self.max_context)
+    def _decode(self, req: _Request) -> Iterator[list[Emitted | None]]:
+        return decode(self.model, self.value, req.encoded, req.samplings, req.guidances, req.max_new_tokens,
+                      self.eos_token_ids, self.max_context, top_logprobs=req.top_logprobs)
 
     def generate_batch(self, prompts: Sequence[Prompt], *, max_new_tokens: int = 256,
                        sampling: Sampling | Sequence[Sampling] = Sampling(),
                        length: LengthTarget | Sequence[LengthTarget | None] | None = None,
-                       tilt: float | Sequence[float | None] | None = None) -> list[Generation]:
+                       tilt: float | Sequence[float | None] | None = None,
+                       top_logprobs: int | Sequence[int] = 0) -> list[Generation]:
         """Decode several prompts together; each result equals the prompt decoded alone.
 
-        sampling, length and tilt take one value for every row or a list with one per row; rows
-        with neither length nor tilt are unguided and keep their own sampling filters.
+        sampling, length, tilt and top_logprobs take one value for every row or a list with one per row;
+        rows with neither length nor tilt are unguided and keep their own sampling filters.
         """
         if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
             raise ValueError("prompts must be a non-empty list of prompts")
-        encoded, samplings, guidances = self._prepare(prompts, max_new_tokens, sampling, length, tilt)
-        B = len(encoded)
+        req = self._prepare(prompts, max_new_tokens, sampling, length, tilt, top_logprobs)
+        B = len(req.encoded)
         outputs: list[list[int]] = [[] for _ in range(B)]
         values: list[list[float]] = [[] for _ in range(B)]
         logprobs: list[list[float]] = [[] for _ in range(B)]
         ranks: list[list[int]] = [[] for _ in range(B)]
+        tops: list[list[list[tuple[int, float]]]] = [[] for _ in range(B)]
         reasons = ["length"] * B
         start = time.perf_counter()
         first_token_at = start
-        for step, emitted in enumerate(self._decode(encoded, samplings, guidances, max_new_tokens)):
+        for step, emitted in enumerate(self._decode(req)):
             if step == 0:
                 first_token_at = time.perf_counter()
             for b, item in enumerate(emitted):
                 if item is not None:
-                    token, reason, remaining, logprob, rank = item
-                    outputs[b].append(token)
-                    logprobs[b].append(logprob)
-                    ranks[b].append(rank)
-                    reasons[b] = reason or reasons[b]
-                    if remaining is not None:
-                        values[b].append(remaining)
+                    outputs[b].append(item.token)
+                    logprobs[b].append(item.logprob)
+                    ranks[b].append(item.rank)
+                    reasons[b] = item.finish_reason or reasons[b]
+                    if item.remaining is not None:
+                        values[b].append(item.remaining)
+                    if item.top is not None:
+                        tops[b].append(item.top)
         end = time.perf_counter()
         return [
             Generation(
@@ -309,38 +339,40 @@ class Runtime:
                 token_ids=out,
                 num_tokens=len(out),
                 finish_reason=reasons[b],
-                prompt_tokens=len(encoded[b]),
+                prompt_tokens=len(req.encoded[b]),
                 prefill_seconds=first_token_at - start,
                 decode_seconds=end - first_token_at,
                 values=values[b],
                 token_logprobs=logprobs[b],
                 token_ranks=ranks[b],
+                top_logprobs=tops[b],
             )
             for b, out in enumerate(outputs)
         ]
 
     def generate(self, prompt: Prompt, *, max_new_tokens: int = 256, sampling: Sampling = Sampling(),
-                 length: LengthTarget | None = None, tilt: float | None = None) -> Generation:
-        """Decode one prompt; `length` or `tilt` steer it with the value model."""
+                 length: LengthTarget | None = None, tilt: float | None = None, top_logprobs: int = 0) -> Generation:
+        """Decode one prompt; `length` or `tilt` steer it with the value model; top_logprobs (0-20) also records
+        each step's most probable tokens (Generation.top_logprobs)."""
         if not isinstance(sampling, Sampling):
             raise ValueError(f"sampling must be a Sampling; got {type(sampling).__name__}")
         return self.generate_batch([prompt], max_new_tokens=max_new_tokens, sampling=sampling, length=length,
-                                   tilt=tilt)[0]
+                                   tilt=tilt, top_logprobs=_top_counts(top_logprobs, 1))[0]
 
     def stream(self, prompt: Prompt, *, max_new_tokens: int = 256, sampling: Sampling = Sampling(),
-               length: LengthTarget | None = None, tilt: float | None = None) -> Iterator[StreamEvent]:
+               length: LengthTarget | None = None, tilt: float | None = None,
+               top_logprobs: int = 0) -> Iterator[StreamEvent]:
         """Yield each token as it is generated, with the live predicted remaining length when a value
         model is loaded; the last event carries the finish reason."""
         if not isinstance(sampling, Sampling):
             raise ValueError(f"sampling must be a Sampling; got {type(sampling).__name__}")
-        encoded, samplings, guidances = self._prepare([prompt], max_new_tokens, sampling, length, tilt)
-        return self._stream(encoded, samplings, guidances, max_new_tokens)
+        return self._stream(self._prepare([prompt], max_new_tokens, sampling, length, tilt,
+                                          _top_counts(top_logprobs, 1)))
 
-    def _stream(self, encoded: list[list[int]], samplings: list[Sampling], guidances: list[Guidance | None],
-                max_new_tokens: int) -> Iterator[StreamEvent]:
+    def _stream(self, req: _Request) -> Iterator[StreamEvent]:
         decoder = IncrementalDecoder(self.tokenizer)
-        for index, emitted in enumerate(self._decode(encoded, samplings, guidances, max_new_tokens)):
-            token, reason, remaining, logprob, rank = emitted[0]  # type: ignore[misc]  # a lone row runs until it ends
-            text = decoder.push(token) + (decoder.finish() if reason is not None else "")
-            yield StreamEvent(token_id=token, text=text, index=index, finish_reason=reason, remaining=remaining,
-                              logprob=logprob, rank=rank)
+        for index, emitted in enumerate(self._decode(req)):
+            item: Emitted = emitted[0]  # type: ignore[assignment]  # a lone row runs until it ends, never None
+            text = decoder.push(item.token) + (decoder.finish() if item.finish_reason is not None else "")
+            yield StreamEvent(token_id=item.token, text=text, index=index, finish_reason=item.finish_reason,
+                              remaining=item.remaining, logprob=item.logprob, rank=item.rank, top_logprobs=item.top)

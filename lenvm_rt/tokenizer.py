@@ -21,6 +21,18 @@ from tokenizers import Tokenizer as _FastTokenizer
 Message = dict[str, Any]
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """The byte-level alphabet's symbol -> byte: printable Latin-1 bytes stand for themselves, the other 68 bytes
+    take the code points from 256 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(shifted)}}
+
+
+_BYTE_OF_SYMBOL = _byte_level_alphabet()
+
+
 def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
@@ -79,6 +91,45 @@ class Tokenizer:
     @property
     def eos_token_id(self) -> int | None:
         return self.token_to_id(self.eos_token) if self.eos_token else None
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for on its own: an added (special) token's text; under a byte-level decoder,
+        its symbols mapped back to bytes (a piece of a multi-byte character stays that piece); a byte-fallback
+        token `<0xHH>` its byte; any other token its decoded text; an id the tokenizer has no token for (a model's
+        vocabulary padded beyond the tokenizer's) nothing, as decode() gives. ValueError for a negative id."""
+        if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
+            raise ValueError(f"token id must be an int >= 0; got {token_id!r}")
+        cached = self._token_bytes.get(token_id)
+        if cached is not None:
+            return cached
+        piece = self.id_to_token(token_id)
+        if piece is None:
+            out = b""
+        elif token_id in self._added_ids:
+            out = piece.encode("utf-8")
+        elif self._byte_level and all(c in _BYTE_OF_SYMBOL for c in piece):
+            out = bytes(_BYTE_OF_SYMBOL[c] for c in piece)
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            out = bytes([int(piece[3:5], 16)])
+        else:
+            out = self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+        self._token_bytes[token_id] = out
+        return out
+
+    @cached_property
+    def _token_bytes(self) -> dict[int, bytes]:
+        return {}
+
+    @cached_property
+    def _added_ids(self) -> frozenset[int]:
+        return frozenset(self._tok.get_added_tokens_decoder())
+
+    @cached_property
+    def _byte_level(self) -> bool:
+        """Whether the decoder is (or contains) ByteLevel: tokens are spelled in the byte-level alphabet."""
+        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+        parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+        return any(isinstance(d, dict) and d.get("type") == "ByteLevel" for d in parts)
 
     # ---- text -----------------------------------------------------------------------------------
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:

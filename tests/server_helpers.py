@@ -36,6 +36,7 @@ class Collector:
         self.tokens: list[int] = []
         self.logprobs: list[float | None] = []
         self.ranks: list[int | None] = []
+        self.tops: list[list[tuple[int, float]] | None] = []
         self.remaining: list[float] = []
         self.reason: str | None = None
         self.done = threading.Event()
@@ -45,6 +46,7 @@ class Collector:
             self.tokens.append(ev.token_id)
             self.logprobs.append(ev.logprob)
             self.ranks.append(ev.rank)
+            self.tops.append(ev.top_logprobs)
             if ev.remaining is not None:
                 self.remaining.append(ev.remaining)
         if ev.finish_reason is not None:

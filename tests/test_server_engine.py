@@ -1,6 +1,6 @@
 """The continuous-batching engine: rows join and leave one running batch, and every request's tokens equal
 `Runtime.generate` of the same request alone (plain and guided rows mixed, staggered arrivals), with the same
-log-probability and rank of each token under the policy."""
+log-probability and rank of each token under the policy, and the same most probable alternatives."""
 from __future__ import annotations
 
 import threading
@@ -34,13 +34,15 @@ def _requests():
 
 
 def test_each_request_equals_runtime_generate_alone(rt):
-    expected = [rt.generate(p, max_new_tokens=n, sampling=s, length=ln, tilt=t) for p, n, s, ln, t in _requests()]
+    tops = [(3 * i) % 7 for i in range(len(_requests()))]  # alternatives asked for: 0 to 6, mixed in one batch
+    expected = [rt.generate(p, max_new_tokens=n, sampling=s, length=ln, tilt=t, top_logprobs=top)
+                for (p, n, s, ln, t), top in zip(_requests(), tops)]
     engine = Engine(rt, max_batch=4, max_queue=16).start()  # 8 requests through 4 rows: join and leave
     try:
         collectors = []
         for i, (p, n, s, ln, t) in enumerate(_requests()):
             c = Collector()
-            engine.submit(p, n, s, Guidance.of(ln, t), c)
+            engine.submit(p, n, s, Guidance.of(ln, t), c, top_logprobs=tops[i])
             collectors.append(c)
             if i == 2:  # a late arrival joins a batch already running
                 collectors[0].done.wait(30)
@@ -51,6 +53,12 @@ def test_each_request_equals_runtime_generate_alone(rt):
             assert remaining == pytest.approx(gen.values, rel=1e-5, abs=1e-6)
             assert c.ranks == gen.token_ranks
             assert c.logprobs == pytest.approx(gen.token_logprobs, rel=1e-6, abs=1e-6)
+            if gen.top_logprobs:
+                assert [[i for i, _ in step] for step in c.tops] == [[i for i, _ in step] for step in gen.top_logprobs]
+                assert [lp for step in c.tops for _, lp in step] == pytest.approx(
+                    [lp for step in gen.top_logprobs for _, lp in step], rel=1e-6, abs=1e-6)
+            else:
+                assert c.tops == [None] * len(tokens)
         assert engine.load() == (0, 0)
     finally:
         engine.stop()

@@ -23,10 +23,11 @@ def served():
 
     rt = torch_head(lenvm_rt.load("default", value_model="default", device="cpu"))
     expected = {
-        "chat": rt.generate(CHAT, max_new_tokens=12, sampling=Sampling(temperature=0, seed=0)),
+        "chat": rt.generate(CHAT, max_new_tokens=12, sampling=Sampling(temperature=0, seed=0), top_logprobs=4),
         "equal": rt.generate(CHAT, max_new_tokens=40, sampling=GUIDED, length=LengthTarget.equal(16)),
         "text": rt.generate("Once upon a time", max_new_tokens=8, sampling=Sampling(temperature=0.8, seed=1)),
         "predict": rt.predict_length([CHAT]),
+        "tokenizer": rt.tokenizer,
     }
     with ServerThread(create_app(Engine(rt, max_batch=8), "default")) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -49,10 +50,15 @@ def test_chat_logprobs_and_quality_through_the_client(served):
     client, _, expected = served
     want = expected["chat"]
     out = client.chat.completions.create(model="default", messages=CHAT, max_tokens=12, temperature=0, seed=0,
-                                         logprobs=True)
+                                         logprobs=True, top_logprobs=4)
     content = out.choices[0].logprobs.content
     assert [c.logprob for c in content] == pytest.approx(want.token_logprobs, rel=1e-6, abs=1e-6)
     assert "".join(c.token for c in content) == out.choices[0].message.content == want.text
+    tok = expected["tokenizer"]
+    for c, step in zip(content, want.top_logprobs, strict=True):  # greedy: the chosen token leads its alternatives
+        assert [bytes(t.bytes) for t in c.top_logprobs] == [tok.token_bytes(i) for i, _ in step]
+        assert [t.logprob for t in c.top_logprobs] == pytest.approx([lp for _, lp in step], rel=1e-6, abs=1e-6)
+        assert c.top_logprobs[0].logprob == c.logprob
     quality = out.choices[0].model_extra["quality"]
     assert quality["tokens"] == want.num_tokens
     assert quality["nll"] == pytest.approx(-sum(want.token_logprobs) / want.num_tokens, rel=1e-6)

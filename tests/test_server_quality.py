@@ -1,7 +1,8 @@
 """Quality beside length on the server: every finished choice carries the policy's own judgement of its tokens,
-and `logprobs` returns each token's log p in OpenAI's format. Both must equal what `Runtime.generate` of the same
-request alone records (Generation.token_logprobs / token_ranks), streamed or not, guided or not, cut by a stop
-string or not. A tiny random checkpoint with a random head keeps it fast."""
+and `logprobs` returns each token's log p (and with `top_logprobs` the step's most probable tokens) in OpenAI's
+format. Both must equal what `Runtime.generate` of the same request alone records (Generation.token_logprobs /
+token_ranks / top_logprobs), streamed or not, guided or not, cut by a stop string or not. A tiny random
+checkpoint with a random head keeps it fast."""
 from __future__ import annotations
 
 import json
@@ -28,13 +29,14 @@ def served(tmp_path_factory):
 
     rt = tiny_runtime(tmp_path_factory.mktemp("quality"))
     expected = {
-        "text": [rt.generate(PROMPT, max_new_tokens=12, sampling=Sampling(temperature=0.9, seed=3 + i))
+        "text": [rt.generate(PROMPT, max_new_tokens=12, sampling=Sampling(temperature=0.9, seed=3 + i), top_logprobs=2)
                  for i in range(2)],
-        "chat": rt.generate(CHAT, max_new_tokens=10, sampling=Sampling(temperature=1.0, seed=7)),
+        "chat": rt.generate(CHAT, max_new_tokens=10, sampling=Sampling(temperature=1.0, seed=7), top_logprobs=3),
         "equal": rt.generate(PROMPT, max_new_tokens=20, sampling=Sampling(temperature=1.0, top_k=15, seed=1),
                              length=LengthTarget.equal(6)),
     }
     eos = rt.eos_token_ids
+    expected["tokenizer"] = rt.tokenizer
     with ServerThread(create_app(Engine(rt, max_batch=4), M)) as server, \
             httpx.Client(base_url=server.url, timeout=60) as client:
         yield client, expected, eos
@@ -67,6 +69,53 @@ def test_completions_logprobs_zero_and_quality_per_choice(served):
         assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(len(lp["tokens"]))]
         _assert_quality(choice["quality"], _quality(gen, eos))
     assert body["usage"]["completion_tokens"] == sum(c["quality"]["tokens"] for c in body["choices"])
+
+
+def _alternatives(tok, step: list[tuple[int, float]]) -> list[dict]:
+    return [{"token": tok.token_bytes(i).decode("utf-8", errors="replace"), "logprob": lp,
+             "bytes": list(tok.token_bytes(i))} for i, lp in step]
+
+
+def _assert_entries(got: list[dict], want: list[dict]) -> None:
+    assert [(e["token"], e["bytes"]) for e in got] == [(e["token"], e["bytes"]) for e in want]
+    assert [e["logprob"] for e in got] == pytest.approx([e["logprob"] for e in want], rel=1e-6, abs=1e-6)
+
+
+def test_completions_top_logprobs(served):
+    client, expected, eos = served
+    r = client.post("/v1/completions", json={"model": M, "prompt": PROMPT, "max_tokens": 12, "temperature": 0.9,
+                                             "seed": 3, "n": 2, "logprobs": 2})
+    assert r.status_code == 200, r.text
+    tok = expected["tokenizer"]
+    for choice, gen in zip(r.json()["choices"], expected["text"]):
+        lp = choice["logprobs"]
+        assert lp["token_logprobs"] == pytest.approx(gen.token_logprobs, rel=1e-6, abs=1e-6)
+        assert len(lp["top_logprobs"]) == gen.num_tokens
+        for got, step in zip(lp["top_logprobs"], gen.top_logprobs):
+            want = {e["token"]: e["logprob"] for e in _alternatives(tok, step)}
+            assert list(got) == list(want) and list(got.values()) == pytest.approx(list(want.values()), abs=1e-6)
+
+
+def test_chat_top_logprobs_streamed_or_not(served):
+    client, expected, eos = served
+    gen, tok = expected["chat"], expected["tokenizer"]
+    body = {"model": M, "messages": CHAT, "max_tokens": 10, "temperature": 1.0, "seed": 7, "logprobs": True,
+            "top_logprobs": 3}
+    r = client.post("/v1/chat/completions", json=body)
+    entries = r.json()["choices"][0]["logprobs"]["content"]
+    chunks = []
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+    streamed = [e for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+                for e in c["choices"][0]["logprobs"]["content"]]
+    for got in (entries, streamed):
+        assert [e["logprob"] for e in got] == pytest.approx(gen.token_logprobs, rel=1e-6, abs=1e-6)
+        assert "".join(e["token"] for e in got) == gen.text
+        assert len(got) == len(gen.top_logprobs)
+        for entry, step in zip(got, gen.top_logprobs):
+            _assert_entries(entry["top_logprobs"], _alternatives(tok, step))
 
 
 def test_quality_without_logprobs(served):

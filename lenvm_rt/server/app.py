@@ -10,11 +10,15 @@ Streamed chunks carry `remaining_tokens` on each choice: the value model's live 
 length (EOS counted; null without a value model). Every finished choice carries `quality`, the policy's
 own judgement of its tokens (`quality.py`: nll in nats per token, mean_rank, mean_prob, repetition_rate, and
 the tokens scored), on the streamed chunk with its finish_reason too; with `logprobs` each token's log p
-comes back in OpenAI's format (chat: `logprobs.content[]`; completions: `tokens`, `token_logprobs`,
-`text_offset`). `usage.completion_tokens` counts every generated token, EOS included, up to the one that
-completed a stop string; logprobs and quality cover the same tokens. Every error is OpenAI's error JSON with a 4xx
-(429 when the engine's queue is full, 503 when it is not running); a client that disconnects frees its
-rows at the engine's next step.
+comes back in OpenAI's format (chat: `logprobs.content[]`, each entry's `top_logprobs` holding the step's
+most probable tokens when `top_logprobs` asks for them; completions: `tokens`, `token_logprobs`, `text_offset`,
+and `top_logprobs` as one {text: log p} per token for `logprobs` > 0). An alternative's `token` is its own
+text and its `bytes` the bytes it stands for (a piece of a multi-byte character stays that piece); a chosen
+token's `token` is the text it completed, so that the tokens join to the choice's text.
+`usage.completion_tokens` counts every generated token, EOS included, up to the one that completed a stop
+string; logprobs and quality cover the same tokens. Every error is OpenAI's error JSON with a 4xx (429 when the
+engine's queue is full, 503 when it is not running); a client that disconnects frees its rows at the engine's
+next step.
 """
 from __future__ import annotations
 
@@ -66,11 +70,13 @@ class _Choices:
         self.ids: list[list[int]] = [[] for _ in range(n)]  # counted tokens of each choice
         self.logprobs: list[list[float]] = [[] for _ in range(n)]
         self.ranks: list[list[int]] = [[] for _ in range(n)]
+        self.tops: list[list[list[tuple[int, float]]]] = [[] for _ in range(n)]
+        self.tokenizer = tok
         self.reasons: list[str | None] = [None] * n
         try:
             for i, sampling in enumerate(spec.samplings):
                 self.requests.append(engine.submit(spec.prompt_ids, spec.max_tokens, sampling, spec.guidance,
-                                                   self._sink(i)))
+                                                   self._sink(i), top_logprobs=spec.top_logprobs))
         except QueueFull as exc:
             self.cancel()
             raise APIError(429, str(exc), code="queue_full") from None
@@ -100,6 +106,7 @@ class _Choices:
             self.ids[index].append(ev.token_id)
             self.logprobs[index].append(ev.logprob)
             self.ranks[index].append(ev.rank)
+            self.tops[index].append(ev.top_logprobs or [])
             piece = self.text[index].push(ev.token_id)
         reason = ev.finish_reason
         if reason is not None and not self.text[index].stopped:
@@ -128,12 +135,19 @@ class _Choices:
         if not self.spec.logprobs:
             return None
         assembler, end = self.text[index], len(self.ids[index])
-        texts, logps = assembler.token_texts[start:end], self.logprobs[index][start:]
+        texts, logps, tops = assembler.token_texts[start:end], self.logprobs[index][start:], self.tops[index][start:]
         if chat:
-            return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
-                                for t, lp in zip(texts, logps)]}
-        return {"tokens": texts, "token_logprobs": logps, "top_logprobs": None,
+            return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")),
+                                 "top_logprobs": [self._alternative(i, alt_lp) for i, alt_lp in top]}
+                                for t, lp, top in zip(texts, logps, tops)]}
+        alternatives = ([{self._alternative(i, lp)["token"]: lp for i, lp in top} for top in tops]
+                        if self.spec.top_logprobs else None)
+        return {"tokens": texts, "token_logprobs": logps, "top_logprobs": alternatives,
                 "text_offset": assembler.token_starts[start:end]}
+
+    def _alternative(self, token_id: int, logprob: float) -> dict[str, Any]:
+        raw = self.tokenizer.token_bytes(token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
 
 def _error(exc: APIError) -> JSONResponse:

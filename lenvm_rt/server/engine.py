@@ -1,8 +1,8 @@
 """Continuous batching: one running decode batch that requests join and leave, on one background thread.
 
     engine = Engine(runtime, max_batch=16, max_queue=64).start()
-    req = engine.submit(prompt_ids, max_new_tokens, sampling, guidance, on_event)   # QueueFull when full
-    on_event(EngineEvent(token_id, remaining, finish_reason, error, logprob, rank))  # engine thread, per token
+    req = engine.submit(prompt_ids, max_new_tokens, sampling, guidance, on_event, top_logprobs=0)  # QueueFull
+    on_event(EngineEvent(token_id, remaining, finish_reason, error, logprob, rank, top_logprobs))  # engine thread
     req.cancel()                                                 # frees the row and its KV at the next step
     engine.call(fn) -> concurrent.futures.Future                 # fn(engine) between two steps (length prediction)
     engine.stop()
@@ -14,7 +14,8 @@ next free row (`prefill(slots=[n])`), and every step advances all active rows by
 unguided rows mixed, each with its own sampling, seed, length rule and step counter.
 
 Batch invariance: a request draws the same tokens as `Runtime.generate` of the same request alone, and its
-events carry the same log p and rank of each token (`Generation.token_logprobs` / `token_ranks`). Its
+events carry the same log p and rank of each token and the same alternatives (`Generation.token_logprobs` /
+`token_ranks` / `top_logprobs`). Its
 prompt is prefilled alone, its draws are keyed by (seed, its own step), its guided choices come from its own
 slot of the step controller, and the per-row ops (the CPU core's skinny GEMM and attention) give a row the
 same bits whatever the batch (tests/test_server_engine.py checks this for plain and guided rows).
@@ -34,7 +35,15 @@ from typing import Any
 import torch
 
 from ..config import Sampling
-from ..decode import CACHE_BLOCK, chosen_stats, cpu_candidate_stats, host_values, step_candidates
+from ..decode import (
+    CACHE_BLOCK,
+    Alternatives,
+    chosen_stats,
+    cpu_candidate_stats,
+    host_values,
+    step_candidates,
+    top_alternatives,
+)
 from ..guidance import CandidateSettings, EosRule, Guidance
 from ..runtime import Runtime
 from ..sampling import TokenChooser, resolve_seed
@@ -60,6 +69,7 @@ class EngineEvent:
     error: str | None = None
     logprob: float | None = None  # log p of the token under the policy's logits of its step (temperature 1)
     rank: int | None = None  # its 1-based rank there (1 + tokens strictly more likely)
+    top_logprobs: Alternatives | None = None  # the step's most probable tokens (id, log p), when asked for
 
 
 @dataclass(eq=False)
@@ -69,6 +79,7 @@ class EngineRequest:
     sampling: Sampling  # seed resolved at submit
     guidance: Guidance | None
     on_event: Callable[[EngineEvent], None]
+    top_logprobs: int = 0  # alternatives to report with each token
     cancelled: bool = False
     engine: Engine | None = field(default=None, repr=False)
 
@@ -140,11 +151,12 @@ class Engine:
             self._cond.notify_all()
 
     def submit(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, guidance: Guidance | None,
-               on_event: Callable[[EngineEvent], None]) -> EngineRequest:
+               on_event: Callable[[EngineEvent], None], *, top_logprobs: int = 0) -> EngineRequest:
         """Queue a validated request (Runtime._prepare's checks); raises QueueFull or EngineStopped."""
         if sampling.seed is None:
             sampling = replace(sampling, seed=resolve_seed(sampling))
-        req = EngineRequest(list(prompt_ids), max_new_tokens, sampling, guidance, on_event, engine=self)
+        req = EngineRequest(list(prompt_ids), max_new_tokens, sampling, guidance, on_event, top_logprobs,
+                            engine=self)
         with self._cond:
             if not self.running:
                 raise EngineStopped("the engine is not running")
@@ -308,6 +320,7 @@ class Engine:
         self._chooser = TokenChooser(samplings, dev)
         self._guided = [i for i, g in enumerate(guidances) if g is not None]
         self._guide_slots = [self._rows[i].guide_slot for i in self._guided]
+        self._top_counts = [r.req.top_logprobs for r in self._rows]
         self._unguided = torch.tensor([g is None for g in guidances], device=dev)
         if self.rt.value is not None:
             self._cand_settings = CandidateSettings.of(samplings, self.rt.eos_token_ids, dev)
@@ -322,12 +335,14 @@ class Engine:
         positions = [r.position for r in rows]
         pos = torch.tensor(positions, device=dev)
         logits = model.logits(self._x)
+        # before the lookahead evicts the logits from the cache
+        top = top_alternatives(logits, self._top_counts)
         if value is None:
             tokens = self._chooser(logits, steps)
-            finished = self._emit(*chosen_stats(logits, tokens), None)
+            finished = self._emit(*chosen_stats(logits, tokens), None, top)
         else:
             tokens, stats, slot, lookahead = self._valued(logits, steps, positions, pos)
-            finished = self._emit(*stats)
+            finished = self._emit(*stats, top)
         self.steps += 1
         if len(finished) == B:
             self._drop(finished, None)
@@ -367,8 +382,8 @@ class Engine:
             tokens[guided] = g_token.to(dev)
         return tokens, host_values(logits, tokens, slot, z, value.gamma, cand_stats), slot, lookahead
 
-    def _emit(self, tokens: list[int], logprobs: list[float], ranks: list[int], remaining: list[float] | None
-              ) -> list[int]:
+    def _emit(self, tokens: list[int], logprobs: list[float], ranks: list[int], remaining: list[float] | None,
+              top: list[Alternatives | None]) -> list[int]:
         """Send each row its token (remaining: the predicted tokens left, 0 after EOS); the rows that finished."""
         finished = []
         eos = self.rt.eos_token_ids
@@ -377,7 +392,7 @@ class Engine:
             if row.req.cancelled:
                 reason = reason or "cancelled"
             left = None if remaining is None else (0.0 if reason == "stop" else remaining[i])
-            self._send(row.req, EngineEvent(token, left, reason, logprob=logprob, rank=rank))
+            self._send(row.req, EngineEvent(token, left, reason, logprob=logprob, rank=rank, top_logprobs=top[i]))
             if reason is None and row.req.cancelled:  # cancelled while its event was being handled
                 self._send(row.req, EngineEvent(None, None, "cancelled"))
                 reason = "cancelled"

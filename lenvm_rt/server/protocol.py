@@ -8,12 +8,13 @@
 The schemas check structure and types only (strict: no "1" for 1, no true for 1); ranges come from the
 runtime's own validation (`Sampling`, `LengthTarget`, `Guidance.of`, `Runtime.encode`, `_check_budget`),
 so the server accepts exactly what `Runtime.generate` accepts. Unknown fields are ignored, as OpenAI
-clients send fields this server does not use; options it cannot honour (top log-probabilities of other
-tokens, echo, best_of, suffix, tools) are refused with 400 rather than silently dropped.
+clients send fields this server does not use; options it cannot honour (echo, best_of, suffix, tools) are
+refused with 400 rather than silently dropped.
 
-Log-probabilities: chat `logprobs: true` (with `top_logprobs` absent or 0) and completions `logprobs: 0`
-return each generated token's log p under the policy's own distribution at its step (temperature 1, no
-filters: the unguided judgement, as `Generation.token_logprobs`).
+Log-probabilities: chat `logprobs: true` and completions `logprobs: N` return each generated token's log p
+under the policy's own distribution at its step (temperature 1, no filters: the unguided judgement, as
+`Generation.token_logprobs`), and with chat `top_logprobs: N` (0-20) or completions `logprobs: N` (0-5) the N
+most probable tokens of that distribution (`Generation.top_logprobs`).
 
 Extension fields: `length: {"target": N, "constraint": "equal"|"at_most"|"at_least", "rule":
 "strict"|"band"|"soft"}` (N response tokens, EOS not counted), `length_tilt: β`, `top_k`, `min_p`.
@@ -29,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..config import LengthTarget, Sampling
 from ..guidance import Guidance
-from ..runtime import Runtime
+from ..runtime import MAX_TOP_LOGPROBS, Runtime
 from ..tokenizer import IncrementalDecoder, Tokenizer
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -37,6 +38,7 @@ DEFAULT_MAX_TOKENS = 256
 MAX_N = 16
 MAX_STOP = 4
 MAX_PREDICT_PROMPTS = 256
+MAX_COMPLETION_LOGPROBS = 5  # completions' `logprobs` (OpenAI's limit); chat's top_logprobs goes to 20
 _TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
           413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 500: "server_error"}
 
@@ -173,6 +175,7 @@ class GenerationSpec:
     stream: bool
     include_usage: bool
     logprobs: bool = False  # return each token's log-probability
+    top_logprobs: int = 0  # and this many most probable alternatives at its step
 
 
 def _bad(message: str, param: str | None, code: str = "invalid_value") -> APIError:
@@ -188,37 +191,33 @@ def encode_prompt(rt: Runtime, prompt: Any, param: str) -> list[int]:
         raise _bad(str(exc), param) from None
 
 
-def _logprobs_wanted(req: ChatRequest | CompletionRequest) -> bool:
-    """Whether the chosen tokens' log-probabilities are asked for: chat `logprobs: true` with no top
-    alternatives, completions `logprobs: 0`; anything asking for other tokens' log-probabilities is refused."""
+def _logprobs_asked(req: ChatRequest | CompletionRequest) -> tuple[bool, int]:
+    """(whether each token's log p is returned, how many alternatives with it): chat `logprobs: true` and
+    `top_logprobs: N`, completions `logprobs: N` (N alternatives; 0 for the chosen tokens alone)."""
     value = req.logprobs
     if isinstance(req, ChatRequest):
         if value is not None and not isinstance(value, bool):
             raise _bad(f"logprobs must be true or false for chat completions; got {value!r}", "logprobs",
                        "invalid_type")
-        top = req.top_logprobs
-        if top is not None and top < 0:
-            raise _bad(f"top_logprobs must be >= 0; got {top}", "top_logprobs")
-        if top:
-            raise _bad("top_logprobs is not supported by this server (logprobs: true returns the chosen tokens' "
-                       "log-probabilities)", "top_logprobs", "unsupported_parameter")
-        return bool(value)
+        top = req.top_logprobs or 0
+        if not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise _bad(f"top_logprobs must lie in [0, {MAX_TOP_LOGPROBS}]; got {top}", "top_logprobs")
+        if top and not value:
+            raise _bad("top_logprobs needs logprobs: true", "top_logprobs")
+        return bool(value), top
     if value is None or value is False:
-        return False
+        return False, 0
     if value is True:
-        raise _bad("logprobs must be an integer for completions (0: the chosen tokens' log-probabilities)",
-                   "logprobs", "invalid_type")
-    if value < 0:
-        raise _bad(f"logprobs must be >= 0; got {value}", "logprobs")
-    if value > 0:
-        raise _bad(f"logprobs {value} asks for the top {value} alternatives, which this server does not return; "
-                   "logprobs 0 returns the chosen tokens' log-probabilities", "logprobs", "unsupported_parameter")
-    return True
+        raise _bad("logprobs must be an integer for completions (N: each token's log p and the N most probable "
+                   "alternatives)", "logprobs", "invalid_type")
+    if not 0 <= value <= MAX_COMPLETION_LOGPROBS:
+        raise _bad(f"logprobs must lie in [0, {MAX_COMPLETION_LOGPROBS}] for completions; got {value}", "logprobs")
+    return True, value
 
 
 def build_spec(rt: Runtime, req: ChatRequest | CompletionRequest, prompt: Any, param: str) -> GenerationSpec:
     """Validate everything a generation request asks for, with the runtime's own checks."""
-    logprobs = _logprobs_wanted(req)
+    logprobs, top_logprobs = _logprobs_asked(req)
     unsupported = {"best_of": req.best_of not in (None, 1),
                    "echo": bool(getattr(req, "echo", None)), "suffix": bool(getattr(req, "suffix", None)),
                    "tools": bool(getattr(req, "tools", None))}
@@ -269,7 +268,7 @@ def build_spec(rt: Runtime, req: ChatRequest | CompletionRequest, prompt: Any, p
                    "context_length_exceeded" if over else "invalid_value") from None
     opts = req.stream_options
     return GenerationSpec(ids, max_tokens, samplings, guidance, stop, bool(req.stream),
-                          bool(opts and opts.include_usage), logprobs)
+                          bool(opts and opts.include_usage), logprobs, top_logprobs)
 
 
 class TextAssembler:
