@@ -146,19 +146,31 @@ def top_alternatives(logits: torch.Tensor, counts: Sequence[int]) -> list[Altern
     equal logits by lower id (None where counts[b] is 0).
 
     Each row is taken on its own, so a row gets the same list whatever the batch, and log p comes from token_stats,
-    so the chosen token's entry equals its own log p.
+    so the chosen token's entry equals its own log p. CPU rows are selected in numpy: torch's elementwise ops over
+    a vocabulary would wake its worker threads, which then contend with the native kernels of the next forward.
     """
     out: list[Alternatives | None] = [None] * len(counts)
     for b, n in enumerate(counts):
         if n <= 0:
             continue
-        row = logits[b]
-        edge = torch.topk(row, min(n, row.shape[0])).values[-1]  # the n-th largest logit
-        ids = torch.nonzero(row >= edge).view(-1)  # ascending ids, so a stable sort orders ties by id
-        ids = ids[torch.sort(row[ids], descending=True, stable=True).indices[:n]]
-        logp, _ = token_stats(logits[b:b + 1], ids.view(1, -1))
+        ids = torch.from_numpy(_top_ids(logits[b].numpy(), n)) if logits.device.type == "cpu" else \
+            _top_ids_torch(logits[b], n)
+        logp, _ = token_stats(logits[b:b + 1], ids.to(logits.device).view(1, -1))
         out[b] = list(zip(ids.tolist(), logp.view(-1).tolist()))
     return out
+
+
+def _top_ids(row: np.ndarray, n: int) -> np.ndarray:
+    n = min(n, row.size)
+    edge = np.partition(row, row.size - n)[row.size - n]  # the n-th largest logit
+    ids = np.flatnonzero(row >= edge)
+    return ids[np.lexsort((ids, -row[ids]))][:n]  # logit descending, then id ascending
+
+
+def _top_ids_torch(row: torch.Tensor, n: int) -> torch.Tensor:
+    edge = torch.topk(row, min(n, row.shape[0])).values[-1]
+    ids = torch.nonzero(row >= edge).view(-1)  # ascending ids, so a stable sort orders ties by id
+    return ids[torch.sort(row[ids], descending=True, stable=True).indices[:n]]
 
 
 CandidateStats = tuple[np.ndarray, np.ndarray, np.ndarray]  # candidate ids, log p, rank: [B, K] each

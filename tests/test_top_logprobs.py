@@ -14,7 +14,7 @@ from server_helpers import tiny_runtime
 import lenvm_rt
 from lenvm_rt import LengthTarget, Sampling
 from lenvm_rt.cli import main
-from lenvm_rt.decode import top_alternatives
+from lenvm_rt.decode import _top_ids, _top_ids_torch, top_alternatives
 from lenvm_rt.tokenizer import Tokenizer
 
 SHARPEN = 6.0
@@ -125,6 +125,8 @@ def test_equal_logits_at_the_edge_go_to_lower_ids_whatever_the_batch():
     assert alone[0] == both[0]
     lse = float(torch.logsumexp(logits[0].double(), dim=0))
     assert [lp for _, lp in both[0]] == pytest.approx([3.0 - lse, 1.0 - lse, 1.0 - lse], abs=1e-6)
+    for row, n in ((0, 3), (0, 1), (1, 4), (2, 5), (2, V)):  # the torch selection (GPU rows) agrees with numpy's
+        assert _top_ids_torch(logits[row], n).tolist() == _top_ids(logits[row].numpy(), n).tolist()
     everything = top_alternatives(logits, [0, 0, V + 5])[2]  # more than the vocabulary: all of it
     assert [i for i, _ in everything] == list(range(V - 1, -1, -1))
     assert math.fsum(math.exp(lp) for _, lp in everything) == pytest.approx(1.0, abs=1e-6)
