@@ -46,6 +46,7 @@ from .select_ref import (
     EQUAL_SOFT,
     TILT,
 )
+from .torch_threads import one_torch_thread
 
 DEFAULT_K = 15  # LIFEBench guided settings use top-k 15 (LENVM.md §4.2)
 K_MAX = 64
@@ -198,7 +199,15 @@ def build_candidates(logits: torch.Tensor, cfg: CandidateSettings, ban_eos: torc
                      force_eos: torch.Tensor | None = None,
                      ending: tuple[torch.Tensor, torch.Tensor] | None = None,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits[B, V] fp32 -> (ids[B, K] int64, logp[B, K] fp32, filled[B, K] bool); `ending` from EosRule.ending."""
+    """logits[B, V] fp32 -> (ids[B, K] int64, logp[B, K] fp32, filled[B, K] bool); `ending` from EosRule.ending.
+    CPU: on one torch thread (torch_threads)."""
+    with one_torch_thread(logits.device):
+        return _candidates(logits, cfg, ban_eos, force_eos, ending)
+
+
+def _candidates(logits: torch.Tensor, cfg: CandidateSettings, ban_eos: torch.Tensor | None,
+                force_eos: torch.Tensor | None, ending: tuple[torch.Tensor, torch.Tensor] | None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if ban_eos is None and cfg.unit_temperature and logits.dtype == torch.float32:
         scaled = logits  # x * 1 is x, bit for bit
     else:

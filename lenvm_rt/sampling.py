@@ -8,6 +8,8 @@ mass of full-vocabulary probabilities <= top_p; 1 filters nothing) and min-p (p 
 inverse CDF in vocabulary order with one uniform from the counter-based Philox generator of the C++
 core keyed by (seed, offset). A row's draw depends only on its own logits, seed and offset, never
 on the batch it shares, so a seeded request is reproducible wherever it runs.
+
+On the CPU a sampled row's choice runs on one torch thread (torch_threads.one_torch_thread).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 
 from . import _native
 from .config import Sampling
+from .torch_threads import one_torch_thread
 
 TOP_P_HEAD = 256  # tokens a CPU top-p filter looks at before sorting a whole row (top_p_mask)
 
@@ -93,9 +96,13 @@ class TokenChooser:
 
     def __call__(self, logits: torch.Tensor, offsets: Sequence[int]) -> torch.Tensor:
         """logits[B, V] fp32 -> token ids[B] int64."""
-        argmax = logits.argmax(dim=-1)
         if self.all_greedy:
-            return argmax
+            return logits.argmax(dim=-1)
+        with one_torch_thread(logits.device):
+            return self._draw(logits, offsets)
+
+    def _draw(self, logits: torch.Tensor, offsets: Sequence[int]) -> torch.Tensor:
+        argmax = logits.argmax(dim=-1)
         unscaled = self._unit_temperature and logits.dtype == torch.float32  # x * 1 is x, bit for bit
         probs = torch.softmax(logits if unscaled else logits * self.inv_temperature, dim=-1)
         if self._needs_filter:
