@@ -82,6 +82,21 @@ def test_plain_runtime_without_value_model(tmp_path):
         engine.stop()
 
 
+def test_submit_refuses_bad_top_logprobs_and_keeps_serving(rt):
+    engine = Engine(rt, max_batch=2).start()
+    try:
+        for bad in (-1, 21, 1.5, True):
+            with pytest.raises(ValueError, match="top_logprobs"):
+                engine.submit([5, 6], 3, Sampling(temperature=0, seed=1), None, Collector(), top_logprobs=bad)
+        c = Collector()
+        engine.submit([5, 6], 3, Sampling(temperature=0, seed=1), None, c, top_logprobs=2)
+        tokens, _, reason = c.wait()
+        assert tokens == rt.generate([5, 6], max_new_tokens=3, sampling=Sampling(temperature=0)).token_ids
+        assert [len(t) for t in c.tops] == [2] * len(tokens) and engine.load() == (0, 0)
+    finally:
+        engine.stop()
+
+
 def test_cancel_frees_the_row_and_the_queue_is_bounded(rt):
     engine = Engine(rt, max_batch=1, max_queue=2).start()
     try:

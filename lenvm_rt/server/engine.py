@@ -45,7 +45,7 @@ from ..decode import (
     top_alternatives,
 )
 from ..guidance import CandidateSettings, EosRule, Guidance
-from ..runtime import Runtime
+from ..runtime import Runtime, _top_counts
 from ..sampling import TokenChooser, resolve_seed
 from ..value_math import remaining_from_logit
 from .slots import SlotGuide, grow_cache, move_row
@@ -152,7 +152,9 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, guidance: Guidance | None,
                on_event: Callable[[EngineEvent], None], *, top_logprobs: int = 0) -> EngineRequest:
-        """Queue a validated request (Runtime._prepare's checks); raises QueueFull or EngineStopped."""
+        """Queue a validated request (Runtime._prepare's checks); raises QueueFull or EngineStopped (ValueError for a
+        top_logprobs outside [0, 20])."""
+        _top_counts(top_logprobs, 1)
         if sampling.seed is None:
             sampling = replace(sampling, seed=resolve_seed(sampling))
         req = EngineRequest(list(prompt_ids), max_new_tokens, sampling, guidance, on_event, top_logprobs,
