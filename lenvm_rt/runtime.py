@@ -56,7 +56,7 @@ class StreamEvent:
     top_logprobs: list[tuple[int, float]] | None = None  # the step's most probable tokens (id, log p), if asked
 
 
-def _top_counts(top_logprobs: Any, n: int) -> list[int]:
+def top_logprobs_counts(top_logprobs: Any, n: int) -> list[int]:
     """How many alternatives each of n rows asks for: one int for all rows or a list of n."""
     counts = list(top_logprobs) if isinstance(top_logprobs, (list, tuple)) else [top_logprobs] * n
     if len(counts) != n:
@@ -291,7 +291,7 @@ class Runtime:
             self._check_budget(len(ids), max_new_tokens)
         n = len(encoded)
         return _Request(encoded, self._samplings(sampling, n), self._guidances(length, tilt, n),
-                        _top_counts(top_logprobs, n), max_new_tokens)
+                        top_logprobs_counts(top_logprobs, n), max_new_tokens)
 
     def _decode(self, req: _Request) -> Iterator[list[Emitted | None]]:
         return decode(self.model, self.value, req.encoded, req.samplings, req.guidances, req.max_new_tokens,
@@ -357,7 +357,7 @@ class Runtime:
         if not isinstance(sampling, Sampling):
             raise ValueError(f"sampling must be a Sampling; got {type(sampling).__name__}")
         return self.generate_batch([prompt], max_new_tokens=max_new_tokens, sampling=sampling, length=length,
-                                   tilt=tilt, top_logprobs=_top_counts(top_logprobs, 1))[0]
+                                   tilt=tilt, top_logprobs=top_logprobs_counts([top_logprobs], 1))[0]
 
     def stream(self, prompt: Prompt, *, max_new_tokens: int = 256, sampling: Sampling = Sampling(),
                length: LengthTarget | None = None, tilt: float | None = None,
@@ -367,7 +367,7 @@ class Runtime:
         if not isinstance(sampling, Sampling):
             raise ValueError(f"sampling must be a Sampling; got {type(sampling).__name__}")
         return self._stream(self._prepare([prompt], max_new_tokens, sampling, length, tilt,
-                                          _top_counts(top_logprobs, 1)))
+                                          top_logprobs_counts([top_logprobs], 1)))
 
     def _stream(self, req: _Request) -> Iterator[StreamEvent]:
         decoder = IncrementalDecoder(self.tokenizer)

@@ -85,7 +85,7 @@ def test_plain_runtime_without_value_model(tmp_path):
 def test_submit_refuses_bad_top_logprobs_and_keeps_serving(rt):
     engine = Engine(rt, max_batch=2).start()
     try:
-        for bad in (-1, 21, 1.5, True):
+        for bad in (-1, 21, 1.5, True, [2]):
             with pytest.raises(ValueError, match="top_logprobs"):
                 engine.submit([5, 6], 3, Sampling(temperature=0, seed=1), None, Collector(), top_logprobs=bad)
         c = Collector()

@@ -15,10 +15,10 @@ unguided rows mixed, each with its own sampling, seed, length rule and step coun
 
 Batch invariance: a request draws the same tokens as `Runtime.generate` of the same request alone, and its
 events carry the same log p and rank of each token and the same alternatives (`Generation.token_logprobs` /
-`token_ranks` / `top_logprobs`). Its
-prompt is prefilled alone, its draws are keyed by (seed, its own step), its guided choices come from its own
-slot of the step controller, and the per-row ops (the CPU core's skinny GEMM and attention) give a row the
-same bits whatever the batch (tests/test_server_engine.py checks this for plain and guided rows).
+`token_ranks` / `top_logprobs`). Its prompt is prefilled alone, its draws are keyed by (seed, its own step),
+its guided choices come from its own slot of the step controller, and the per-row ops (the CPU core's skinny GEMM
+and attention) give a row the same bits whatever the batch (tests/test_server_engine.py checks this for plain and
+guided rows).
 With a value model every row goes through the valued step (as `Runtime.generate` does), so streamed tokens
 carry the live predicted remaining length.
 """
@@ -45,7 +45,7 @@ from ..decode import (
     top_alternatives,
 )
 from ..guidance import CandidateSettings, EosRule, Guidance
-from ..runtime import Runtime, _top_counts
+from ..runtime import Runtime, top_logprobs_counts
 from ..sampling import TokenChooser, resolve_seed
 from ..value_math import remaining_from_logit
 from .slots import SlotGuide, grow_cache, move_row
@@ -154,7 +154,7 @@ class Engine:
                on_event: Callable[[EngineEvent], None], *, top_logprobs: int = 0) -> EngineRequest:
         """Queue a validated request (Runtime._prepare's checks); raises QueueFull or EngineStopped (ValueError for a
         top_logprobs outside [0, 20])."""
-        _top_counts(top_logprobs, 1)
+        top_logprobs = top_logprobs_counts([top_logprobs], 1)[0]  # one int
         if sampling.seed is None:
             sampling = replace(sampling, seed=resolve_seed(sampling))
         req = EngineRequest(list(prompt_ids), max_new_tokens, sampling, guidance, on_event, top_logprobs,
