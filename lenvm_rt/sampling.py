@@ -9,7 +9,10 @@ inverse CDF in vocabulary order with one uniform from the counter-based Philox g
 core keyed by (seed, offset). A row's draw depends only on its own logits, seed and offset, never
 on the batch it shares, so a seeded request is reproducible wherever it runs.
 
-On the CPU a sampled row's choice runs on one torch thread (torch_threads.one_torch_thread).
+On the CPU a sampled row's choice runs on one torch thread (torch_threads.one_torch_thread), and when every
+sampled row's filters keep only tokens among its few most probable (TokenChooser.head: k_max + 1 under top-k
+alone, else TOP_P_HEAD), the filters and the draw run on that head instead of the whole vocabulary: the same keep
+set, and the same draw, since the vocabulary-order running sum adds exact zeros for the tokens the filters drop.
 """
 from __future__ import annotations
 
@@ -93,6 +96,8 @@ class TokenChooser:
         self.top_p = torch.tensor([s.top_p for s in self.samplings], device=device)
         self.min_p = torch.tensor([s.min_p for s in self.samplings], device=device)
         self.greedy_rows = torch.tensor(self.greedy, device=device)
+        top_k_alone = not self._use_top_p and all(0 < (s.top_k or 0) < TOP_P_HEAD for s in sampled)
+        self.head = self._k_max + 1 if top_k_alone else TOP_P_HEAD  # tokens a CPU draw tries first
 
     def __call__(self, logits: torch.Tensor, offsets: Sequence[int]) -> torch.Tensor:
         """logits[B, V] fp32 -> token ids[B] int64."""
@@ -105,13 +110,41 @@ class TokenChooser:
         argmax = logits.argmax(dim=-1)
         unscaled = self._unit_temperature and logits.dtype == torch.float32  # x * 1 is x, bit for bit
         probs = torch.softmax(logits if unscaled else logits * self.inv_temperature, dim=-1)
+        self._offsets[:] = offsets
+        _native.philox_uniform(self.seeds, self._offsets, 0, self._uniform)
+        uniform = torch.from_numpy(self._uniform).to(probs.device).view(-1, 1)
+        drawn = None
+        if self._needs_filter and probs.device.type == "cpu" and self._k_max < self.head < probs.shape[-1]:
+            drawn = self._draw_from_head(probs, uniform)
+        if drawn is None:
+            drawn = self._draw_from_row(probs, uniform)
+        return torch.where(self.greedy_rows, argmax, drawn)
+
+    def _draw_from_row(self, probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+        """Inverse-CDF draw over the whole (filtered) row, in vocabulary order."""
         if self._needs_filter:
             keep = filter_mask(probs, self.top_k, self.top_p, self.min_p, k_max=self._k_max,
                                use_top_p=self._use_top_p)
             probs = probs * keep
-        self._offsets[:] = offsets
-        _native.philox_uniform(self.seeds, self._offsets, 0, self._uniform)
         cdf = probs.cumsum(dim=-1)  # [B, V], vocabulary order
-        target = torch.from_numpy(self._uniform).to(probs.device).view(-1, 1) * cdf[:, -1:]
-        drawn = torch.searchsorted(cdf, target, right=True).view(-1).clamp_(max=probs.shape[-1] - 1)
-        return torch.where(self.greedy_rows, argmax, drawn)
+        return torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).view(-1).clamp_(max=probs.shape[-1] - 1)
+
+    def _draw_from_head(self, probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor | None:
+        """The same draw from each row's `head` most probable tokens, or None when a sampled row's filters keep the
+        last of them (its keep set may reach beyond)."""
+        head_p, head = probs.topk(self.head, dim=-1)  # descending
+        p_max = head_p[:, :1]
+        keep = head_p >= self.min_p.view(-1, 1) * p_max
+        if self._k_max > 0:  # filter_mask's threshold, read from the head (k_max < head)
+            index = (self.top_k.clamp(min=1, max=self._k_max) - 1).view(-1, 1)
+            keep &= (self.top_k.view(-1, 1) == 0) | (head_p >= head_p.gather(1, index))
+        if self._use_top_p:  # top_p_mask's head, whose prefix sums are those of the full sort
+            limit = self.top_p.view(-1, 1)
+            keep &= ((head_p.cumsum(dim=-1) - head_p) <= limit) | (limit >= 1)
+        keep |= head_p >= p_max
+        if bool((keep[:, -1] & ~self.greedy_rows).any()):
+            return None
+        order = head.argsort(dim=-1)  # vocabulary order within the head
+        cdf = (head_p * keep).gather(1, order).cumsum(dim=-1)  # the row's running sum at its kept tokens
+        slot = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_(max=self.head - 1)
+        return head.gather(1, order).gather(1, slot).view(-1)

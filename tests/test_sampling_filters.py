@@ -172,3 +172,53 @@ def test_temperature_one_draws_as_the_scaled_formula() -> None:
     padded = torch.cat((logits, logits[:1]))
     for step in range(4):
         assert chooser(logits, [step] * 6).tolist() == scaled(padded, [step] * 7).tolist()[:6]
+
+
+def _settings(rng: np.random.Generator, n: int, *, top_k_alone: bool) -> list[Sampling]:
+    out = []
+    for i in range(n):
+        top_k = int(rng.choice([1, 3, 15, 40])) if top_k_alone else int(rng.choice([0, 1, 5, 15, 40]))
+        top_p = 1.0 if top_k_alone else float(rng.choice([1.0, 0.99, 0.9, 0.5]))
+        min_p = float(rng.choice([0.0, 0.05, 0.3]))
+        out.append(Sampling(temperature=float(rng.choice([0.0, 0.7, 1.0, 1.3])), top_k=top_k or None, top_p=top_p,
+                            min_p=min_p, seed=i))
+    return out
+
+
+@pytest.mark.parametrize("top_k_alone", [True, False])
+def test_head_draw_equals_the_whole_row_draw(top_k_alone):
+    """The draw from the few most probable tokens is the whole row's draw, token for token, over many uniforms; a row
+    whose keep set reaches the head's last token sends the batch to the whole-row path."""
+    rng = np.random.default_rng(7 + top_k_alone)
+    B, width = 48, 3000
+    logits = torch.from_numpy(rng.standard_normal((B, width)).astype(np.float32)) * torch.from_numpy(
+        rng.choice([1.0, 4.0, 9.0], size=(B, 1)).astype(np.float32))  # flat to peaked rows
+    logits[:4, :6] = logits[:4, :1]  # ties at the top, across small top-k boundaries
+    samplings = _settings(rng, B, top_k_alone=top_k_alone)
+    chooser = TokenChooser(samplings, torch.device("cpu"))
+    assert chooser.head == (41 if top_k_alone else TOP_P_HEAD)
+    probs = torch.softmax(logits * chooser.inv_temperature, dim=-1)
+    groups = [list(range(b, b + 4)) for b in range(0, B, 4)]  # small batches: some settle in the head, some not
+    used = {True: 0, False: 0}
+    for rows in groups:
+        sub = TokenChooser([samplings[b] for b in rows], torch.device("cpu"))
+        for trial in range(40):
+            u = torch.from_numpy(rng.random((len(rows), 1), dtype=np.float32))
+            whole = sub._draw_from_row(probs[rows], u)
+            head = sub._draw_from_head(probs[rows], u)
+            used[head is not None] += 1
+            if head is not None:
+                sampled = ~sub.greedy_rows
+                assert torch.equal(head[sampled], whole[sampled]), (rows, trial)
+    assert used[True] > 0 and (used[False] > 0 or top_k_alone)
+
+
+def test_head_draw_steps_aside_for_ties_beyond_the_head():
+    chooser = TokenChooser([Sampling(temperature=1.0, top_k=2, seed=0)], torch.device("cpu"))
+    assert chooser.head == 3
+    logits = torch.zeros(1, 50)
+    logits[0, [4, 9, 30]] = 5.0  # three tokens tie for the top: top-k 2 keeps all three
+    probs = torch.softmax(logits, dim=-1)
+    u = torch.tensor([[0.99]])
+    assert chooser._draw_from_head(probs, u) is None
+    assert int(chooser._draw_from_row(probs, u)) == 30 and int(chooser(logits, [0])) in (4, 9, 30)

@@ -10,7 +10,6 @@ import torch
 
 from lenvm_rt import Sampling
 from lenvm_rt import guidance as guidance_module
-from lenvm_rt import sampling as sampling_module
 from lenvm_rt.guidance import CandidateSettings, build_candidates
 from lenvm_rt.sampling import TokenChooser
 from lenvm_rt.torch_threads import one_torch_thread
@@ -68,11 +67,11 @@ def test_chooser_and_candidates_run_on_one_thread_with_the_same_bits(two_threads
     samplings = [Sampling(temperature=0.8, top_p=0.9, seed=1), Sampling(temperature=1.0, top_k=15, seed=2),
                  Sampling(temperature=1.3, min_p=0.05, seed=3)]
     threads_seen = []
-    real_mask, real_candidates = sampling_module.filter_mask, guidance_module._candidates
+    real_draw, real_candidates = TokenChooser._draw, guidance_module._candidates
 
-    def mask(*args, **kwargs):
+    def draw(*args, **kwargs):
         threads_seen.append(torch.get_num_threads())
-        return real_mask(*args, **kwargs)
+        return real_draw(*args, **kwargs)
 
     def candidates(*args, **kwargs):
         threads_seen.append(torch.get_num_threads())
@@ -84,7 +83,7 @@ def test_chooser_and_candidates_run_on_one_thread_with_the_same_bits(two_threads
     built = build_candidates(logits, settings, ban)
     with_two = (TokenChooser(samplings, CPU)._draw(logits, [0, 5, 9]), guidance_module._candidates(
         logits, settings, ban, None, None))  # the same ops on two threads
-    monkeypatch.setattr(sampling_module, "filter_mask", mask)
+    monkeypatch.setattr(TokenChooser, "_draw", draw)
     monkeypatch.setattr(guidance_module, "_candidates", candidates)
     TokenChooser(samplings, CPU)(logits, [0, 5, 9])
     build_candidates(logits, settings, ban)
