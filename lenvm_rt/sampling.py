@@ -26,7 +26,7 @@ from . import _native
 from .config import Sampling
 from .torch_threads import one_torch_thread
 
-TOP_P_HEAD = 256  # tokens a CPU top-p filter looks at before sorting a whole row (top_p_mask)
+TOP_P_HEAD = 256  # tokens a CPU top-p filter (top_p_mask) and draw look at before taking a whole row
 
 
 def resolve_seed(sampling: Sampling) -> int:

@@ -109,7 +109,8 @@ class Tokenizer:
             out = piece.encode("utf-8")
         elif self._byte_level and all(c in _BYTE_OF_SYMBOL for c in piece):
             out = bytes(_BYTE_OF_SYMBOL[c] for c in piece)
-        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">") and all(
+                c in "0123456789ABCDEFabcdef" for c in piece[3:5]):
             out = bytes([int(piece[3:5], 16)])
         else:
             out = self.decode([token_id], skip_special_tokens=False).encode("utf-8")

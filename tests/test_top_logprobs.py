@@ -199,9 +199,10 @@ def test_token_bytes_byte_fallback_and_plain_pieces(tmp_path):
     from tokenizers import Tokenizer as Fast
     from tokenizers import decoders, models
 
-    fast = Fast(models.WordLevel({"<0xE2>": 0, "\u2581hi": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    fast = Fast(models.WordLevel({"<0xE2>": 0, "\u2581hi": 1, "[UNK]": 2, "<0xZZ>": 3}, unk_token="[UNK]"))
     fast.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
     fast.save(str(tmp_path / "tokenizer.json"))
     tok = Tokenizer(tmp_path)
     assert tok.token_bytes(0) == b"\xe2"
     assert tok.token_bytes(1) == tok.decode([1], skip_special_tokens=False).encode("utf-8") == b"hi"
+    assert tok.token_bytes(3) == tok.decode([3], skip_special_tokens=False).encode("utf-8")  # not a byte token
