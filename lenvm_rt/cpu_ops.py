@@ -126,8 +126,8 @@ class PanelWeight:
         embedding)."""
         if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < self.rows:
             raise IndexError(f"ids: expected row indices in [0, {self.rows}), got {int(ids.min())}..{int(ids.max())}")
-        # a numpy gather: torch's advanced indexing here runs a parallel region, after which the native forward
-        # that follows ran slower (a 15-candidate lookahead by ~6 ms on the default model; torch_threads.py)
+        # a numpy gather: torch's advanced indexing here runs a parallel region, whose OpenMP workers may then spin
+        # into the native forward that follows (torch_threads.py)
         flat = ids.reshape(-1).numpy()
         rows = self.native()[flat // 8, :, flat % 8]  # [n, K] in the storage's dtype
         if self.panels.dtype == torch.bfloat16:  # int16 bits -> the float32 with those upper 16 bits, exactly

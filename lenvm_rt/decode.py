@@ -147,7 +147,7 @@ def top_alternatives(logits: torch.Tensor, counts: Sequence[int]) -> list[Altern
 
     Each row is taken on its own, so a row gets the same list whatever the batch, and log p comes from token_stats,
     so the chosen token's entry equals its own log p. CPU rows are selected in numpy: torch's elementwise ops over
-    a vocabulary run as parallel regions, after which the next native forward runs slower (torch_threads.py).
+    a vocabulary run as parallel regions, whose OpenMP workers may then spin into the next forward (torch_threads.py).
     """
     out: list[Alternatives | None] = [None] * len(counts)
     for b, n in enumerate(counts):

@@ -4,11 +4,12 @@
         ...                                 # other devices: no change
 
 A decode step's host-side torch ops (sampling, the candidate set) work on [B, V] tensors, big enough for torch to
-run them as parallel regions on its OpenMP worker threads. The native forward that follows such a region ran
-slower, although OMP_WAIT_POLICY=PASSIVE (set by `import lenvm_rt`) keeps those workers from spinning: measured on
-the default model with 2 threads, a 1-row forward after a sampling step took 34.0 instead of 27.4 ms, and a
-15-candidate lookahead after one vocabulary-wide multiply 55 instead of 48 ms; after the same ops on one thread,
-no slower than after none. On one thread the same ops give the same bits. torch's thread count is the calling
+run them as parallel regions on its OpenMP worker threads. When torch was imported before lenvm_rt (so the
+OMP_WAIT_POLICY=PASSIVE that `import lenvm_rt` sets came too late for its OpenMP runtime), those workers spin for
+~9 ms after each region, on the cores the native kernels of the next forward need: measured on the default model
+with 2 threads, a 15-candidate lookahead after an At Least step's candidate set took 1.18x its time after the same
+ops on one thread (benchmarks/bench_step_threads.py; with PASSIVE in effect, no difference beyond the noise). On
+one thread the same ops give the same bits, whatever the import order. torch's thread count is the calling
 thread's own (an OpenMP setting per thread), restored on the way out; torch also keeps it as the default of
 threads that start using torch while a step is inside.
 """
