@@ -133,15 +133,7 @@ class TokenChooser:
         """The same draw from each row's `head` most probable tokens, or None when a sampled row's filters keep the
         last of them (its keep set may reach beyond)."""
         head_p, head = probs.topk(self.head, dim=-1)  # descending
-        p_max = head_p[:, :1]
-        keep = head_p >= self.min_p.view(-1, 1) * p_max
-        if self._k_max > 0:  # filter_mask's threshold, read from the head (k_max < head)
-            index = (self.top_k.clamp(min=1, max=self._k_max) - 1).view(-1, 1)
-            keep &= (self.top_k.view(-1, 1) == 0) | (head_p >= head_p.gather(1, index))
-        if self._use_top_p:  # top_p_mask's head, whose prefix sums are those of the full sort
-            limit = self.top_p.view(-1, 1)
-            keep &= ((head_p.cumsum(dim=-1) - head_p) <= limit) | (limit >= 1)
-        keep |= head_p >= p_max
+        keep = filter_mask(head_p, self.top_k, self.top_p, self.min_p, k_max=self._k_max, use_top_p=self._use_top_p)
         if bool((keep[:, -1] & ~self.greedy_rows).any()):
             return None
         order = head.argsort(dim=-1)  # vocabulary order within the head
