@@ -156,7 +156,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         gen = rt.generate(prompt, max_new_tokens=a.max_new_tokens, sampling=sampling, top_logprobs=a.top_logprobs,
                           **steer)
         quality = gen.quality
-        token_bytes = rt.tokenizer.token_bytes
+        token_text = rt.tokenizer.token_text
         print(json.dumps({
             "token_ids": gen.token_ids, "text": gen.text, "num_tokens": gen.num_tokens,
             "response_tokens": gen.response_tokens, "finish_reason": gen.finish_reason,
@@ -164,7 +164,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
             "prefill_ms": 1000.0 * gen.prefill_seconds, "values": gen.values, "gamma": rt.gamma,
             "token_logprobs": gen.token_logprobs, "token_ranks": gen.token_ranks,
             "quality": {**quality.fields(), "tokens": quality.tokens},
-            **({"top_logprobs": [[{"id": i, "token": token_bytes(i).decode("utf-8", errors="replace"), "logprob": lp}
+            **({"top_logprobs": [[{"id": i, "token": token_text(i), "logprob": lp}
                                   for i, lp in top] for top in gen.top_logprobs]} if a.top_logprobs else {}),
         }, ensure_ascii=False))
         return 0

@@ -117,6 +117,10 @@ class Tokenizer:
         self._token_bytes[token_id] = out
         return out
 
+    def token_text(self, token_id: int) -> str:
+        """token_bytes as text (an incomplete UTF-8 piece shows U+FFFD): how a token reads on its own."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
     @cached_property
     def _token_bytes(self) -> dict[int, bytes]:
         return {}

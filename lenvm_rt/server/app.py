@@ -146,8 +146,8 @@ class _Choices:
                 "text_offset": assembler.token_starts[start:end]}
 
     def _alternative(self, token_id: int, logprob: float) -> dict[str, Any]:
-        raw = self.tokenizer.token_bytes(token_id)
-        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+        tok = self.tokenizer
+        return {"token": tok.token_text(token_id), "logprob": logprob, "bytes": list(tok.token_bytes(token_id))}
 
 
 def _error(exc: APIError) -> JSONResponse:
